@@ -1,0 +1,44 @@
+"""CPU backend for verl: a ``cpu`` platform and an ``hf`` rollout server.
+
+:func:`register` puts both into verl's registries; it is cheap (nothing heavy is
+imported) and runs in every verl process through the plugin entry point.
+:func:`verl_opd.cpu.settings.apply_cpu_settings` turns ``trainer.device=cpu`` into
+the settings a CPU run needs.
+"""
+
+from __future__ import annotations
+
+import os
+
+from verl_opd.cpu.platform import PLATFORM_NAME, PlatformCPU
+from verl_opd.cpu.process_group import install_backend_dedup
+
+ROLLOUT_ADAPTER = "verl_opd.cpu.rollout.HFServerAdapter"
+
+
+def _load_hf_replica() -> type:
+    from verl_opd.cpu.rollout import HFReplica
+
+    return HFReplica
+
+
+def cpu_platform_selected() -> bool:
+    """True in a process whose verl platform is this package's CPU platform."""
+    return os.environ.get("VERL_PLATFORM", "").strip().lower() == PLATFORM_NAME
+
+
+def register() -> None:
+    """Register the ``cpu`` platform and the ``hf`` rollout backend with verl."""
+    from verl.plugin.platform import PlatformRegistry
+    from verl.workers.rollout import base as rollout_base
+    from verl.workers.rollout.replica import RolloutReplicaRegistry
+
+    from verl_opd.cpu.rollout import ROLLOUT_NAME
+
+    if PlatformRegistry.get(PLATFORM_NAME) is not PlatformCPU:
+        PlatformRegistry.register(platform=PLATFORM_NAME)(PlatformCPU)
+    RolloutReplicaRegistry.register(ROLLOUT_NAME, _load_hf_replica)
+    # verl keeps the worker-side rollout classes in a plain module-level table.
+    rollout_base._ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = ROLLOUT_ADAPTER
+    if cpu_platform_selected():
+        install_backend_dedup()

@@ -1,0 +1,56 @@
+"""A tiny, seeded, randomly initialised Qwen2 causal LM saved next to its tokenizer.
+
+verl loads the actor, rollout and reference models from one ``model.path``; saving the weights and the
+tokenizer in the same directory makes that single path sufficient, offline. Qwen2 is used because it is
+an architecture verl supports natively (FSDP wrapping, log-prob computation, HF rollout).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
+
+
+def build_model(
+    out_dir: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    seed: int = 0,
+    max_position_embeddings: int = 512,
+) -> Path:
+    """Build a seeded random ``Qwen2ForCausalLM``, save it with ``tokenizer`` in ``out_dir`` and return the path.
+
+    ``intermediate_size`` defaults to ``2 * hidden_size`` (hidden 64, 2 layers, vocab 512: about 107k
+    parameters). Like Qwen, the bos id is ``<|endoftext|>`` (the pad token) since the tokenizer has no bos.
+    """
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    out = Path(out_dir)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in model.parameters())

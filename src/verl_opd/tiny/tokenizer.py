@@ -1,0 +1,110 @@
+"""A tiny, deterministic, hub-free byte-level BPE tokenizer with a ChatML chat template.
+
+verl needs a real Hugging Face tokenizer (chat template, eos/pad ids) at ``actor_rollout_ref.model.path``,
+but nothing can be downloaded here, so we train one from generated text. Digits are split one per token
+so a model with a few hundred thousand parameters can learn arithmetic digit by digit instead of having
+to memorise multi-digit merges.
+
+The normalizer / pre-tokenizer / decoder are exactly the ones ``transformers``' ``Qwen2Tokenizer`` builds:
+for a directory whose ``config.json`` says ``model_type: qwen2``, ``AutoTokenizer`` (transformers 5) always
+instantiates ``Qwen2Tokenizer``, which rebuilds that pipeline from the vocab and merges and ignores the one
+in ``tokenizer.json``. Qwen2's split regex already isolates every digit, which is what a
+``Digits(individual_digits=True)`` pre-tokenizer would do, so the tokenizer behaves identically whether it
+is loaded from its own directory or from a model directory.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+from verl_opd.tiny.task import make_problem, prompt_text, solution_text
+
+PAD_TOKEN = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = [PAD_TOKEN, IM_START, IM_END]
+
+# Qwen-style ChatML; no default system message so prompts stay short for tiny models.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Generic English so that the vocabulary is not only arithmetic (verl's logs and prompts contain prose).
+_ENGLISH = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A student learns from a teacher by trying and being corrected.",
+    "What is the answer to the question?",
+    "Please think step by step and give the final answer.",
+    "The model reads the prompt and writes a short reply.",
+    "Numbers can be added, subtracted, multiplied and divided.",
+    "You are a helpful assistant.",
+    "This is a small example sentence for the tokenizer.",
+    "On-policy distillation trains the student on its own samples.",
+    "The sum of two numbers is another number.",
+    "Reinforcement learning rewards good answers and penalises bad ones.",
+    "Every morning she walks to the market and buys fresh bread.",
+    "They compared the results of both experiments in a table.",
+    "How many apples are left if he eats three of them?",
+    "Training a language model needs data, compute and patience.",
+    "The reward is one when the final answer is correct and zero otherwise.",
+    "We sample several responses for each prompt and score them.",
+    "Simple things should be simple, complex things should be possible.",
+]
+
+
+def _corpus(seed: int, n_arithmetic: int = 3000, n_english: int = 1000) -> Iterator[str]:
+    """Yield the deterministic training text: ChatML-formatted arithmetic dialogues plus shuffled English."""
+    rng = random.Random(seed)
+    for i in range(n_arithmetic):
+        question, answer = make_problem(rng, digits=1 + i % 3)
+        yield (
+            f"{IM_START}user\n{prompt_text(question)}{IM_END}\n"
+            f"{IM_START}assistant\n{solution_text(question, answer)}{IM_END}\n"
+        )
+    for _ in range(n_english):
+        yield " ".join(rng.sample(_ENGLISH, k=3))
+
+
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0) -> PreTrainedTokenizerFast:
+    """Train the tiny tokenizer, save it to ``out_dir`` with ``save_pretrained`` and return it.
+
+    The same arguments always give byte-identical files, so a teacher and a student built separately
+    share exactly the same tokenizer (OPD compares their log-probs token by token).
+    """
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=IM_END,
+        pad_token=PAD_TOKEN,
+        unk_token=PAD_TOKEN,  # what Qwen2Tokenizer defaults to, so both load paths agree
+        additional_special_tokens=[IM_START],
+        model_max_length=512,
+    )
+    hf_tok.chat_template = CHAT_TEMPLATE
+    hf_tok.save_pretrained(str(out_dir))
+    return hf_tok

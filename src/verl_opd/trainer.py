@@ -1,0 +1,1 @@
+"""OPD trainer: being written."""
