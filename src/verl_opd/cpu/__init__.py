@@ -1,7 +1,9 @@
 """CPU backend for verl: a ``cpu`` platform and an ``hf`` rollout server.
 
-:func:`register` puts both into verl's registries; it is cheap (nothing heavy is
-imported) and runs in every verl process through the plugin entry point.
+:func:`register` puts both into verl's registries; it runs in every verl process
+through the plugin entry point. This module imports nothing from verl at import
+time: it is itself imported while verl initialises (verl loads plugins from its
+own ``__init__``), so the verl-facing modules are imported inside :func:`register`.
 :func:`verl_opd.cpu.settings.apply_cpu_settings` turns ``trainer.device=cpu`` into
 the settings a CPU run needs.
 """
@@ -10,9 +12,8 @@ from __future__ import annotations
 
 import os
 
-from verl_opd.cpu.platform import PLATFORM_NAME, PlatformCPU
-from verl_opd.cpu.process_group import install_backend_dedup
-
+PLATFORM_NAME = "cpu"
+ROLLOUT_NAME = "hf"
 ROLLOUT_ADAPTER = "verl_opd.cpu.rollout.HFServerAdapter"
 
 
@@ -33,7 +34,8 @@ def register() -> None:
     from verl.workers.rollout import base as rollout_base
     from verl.workers.rollout.replica import RolloutReplicaRegistry
 
-    from verl_opd.cpu.rollout import ROLLOUT_NAME
+    from verl_opd.cpu.platform import PlatformCPU
+    from verl_opd.cpu.process_group import install_backend_dedup
 
     if PlatformRegistry.get(PLATFORM_NAME) is not PlatformCPU:
         PlatformRegistry.register(platform=PLATFORM_NAME)(PlatformCPU)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from verl.plugin.platform import PlatformBase
 
-PLATFORM_NAME = "cpu"
+from verl_opd.cpu import PLATFORM_NAME
 
 
 class _CPUDeviceModule(ModuleType):

@@ -28,13 +28,13 @@ from typing import Any
 
 import ray
 import torch
-
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutReplica, TokenOutput
 
+from verl_opd.cpu import ROLLOUT_NAME
+
 logger = logging.getLogger(__name__)
 
-ROLLOUT_NAME = "hf"
 _BATCH_WINDOW_S = 0.02
 
 
@@ -60,7 +60,9 @@ def _sampling_key(params: dict[str, Any]) -> tuple[float, float, int]:
     return temperature, top_p, top_k
 
 
-def prompt_logprobs(logits: torch.Tensor, ids: list[int], num_logprobs: int) -> tuple[list[list[int]], list[list[float]]]:
+def prompt_logprobs(
+    logits: torch.Tensor, ids: list[int], num_logprobs: int
+) -> tuple[list[list[int]], list[list[float]]]:
     """vLLM-layout prompt log-probs of a single sequence.
 
     Entry ``t`` (for ``t = 0 .. S-2``) holds the log-prob of token ``t + 1`` under the
@@ -168,7 +170,7 @@ class HFGenerateServer:
             try:
                 async with self._lock:
                     results = await asyncio.to_thread(self._generate_batch, requests, *key)
-                for request, result in zip(requests, results):
+                for request, result in zip(requests, results, strict=True):
                     request.future.set_result(result)
             except Exception as error:  # surface the failure to every waiting caller
                 for request in requests:

@@ -15,8 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from verl_opd.cpu.platform import PLATFORM_NAME
-from verl_opd.cpu.rollout import ROLLOUT_NAME
+from verl_opd.cpu import PLATFORM_NAME, ROLLOUT_NAME
 
 logger = logging.getLogger(__name__)
 

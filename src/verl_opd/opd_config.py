@@ -1,0 +1,212 @@
+"""The ``opd`` config node, and what ``algorithm.adv_estimator=opd`` turns on in verl.
+
+``opd`` is a top-level node of the Hydra config (verl never converts it to one of
+its dataclasses), read into :class:`OPDConfig`. :func:`apply_opd_settings` runs in
+the driver, before verl validates the config and before any model is loaded: it
+checks the teacher, refuses settings that would silently train against the wrong
+thing, and sets the verl keys OPD needs, logging each change.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+logger = logging.getLogger(__name__)
+
+TRAINER_MODE = "opd"
+TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+_PRECISION_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+LEGACY_TEACHER_KEY = "actor_rollout_ref.ref.model.path"
+
+
+class OPDConfigError(ValueError):
+    """A configuration that OPD refuses; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Where the teacher comes from and how it is held.
+
+    ``offload=False`` keeps the teacher's weights resident on the accelerator (fast,
+    costs its memory); ``True`` is verl's reference-model behaviour: weights live in
+    pinned host memory and stream to the GPU at every forward (slow, saves memory).
+    """
+
+    model_path: str | None = None
+    dtype: str = "float32"
+    offload: bool = False
+
+
+@dataclass(frozen=True)
+class OPDConfig:
+    """OPD's knobs (see ``opd-spec``): ``r_t = -kl_coef * (log pi_S - log pi_T) + task_reward_coef * R``."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    kl_coef: float = 1.0
+    discount: float = 0.0
+    task_reward_coef: float = 0.0
+    check_tokenizers: bool = True
+    allow_teacher_change: bool = False
+
+    @classmethod
+    def from_config(cls, config: DictConfig) -> OPDConfig:
+        """Read the ``opd`` node of a verl config (defaults where absent)."""
+        node = OmegaConf.select(config, "opd")
+        values: dict[str, Any] = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+        teacher = TeacherConfig(**(values.pop("teacher", None) or {}))
+        known = {name for name in cls.__dataclass_fields__ if name != "teacher"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise OPDConfigError(f"Unknown opd keys {unknown}; valid keys: {sorted(known)} and opd.teacher.*.")
+        return cls(teacher=teacher, **values)
+
+    def validate(self) -> None:
+        """Raise :class:`OPDConfigError` for values the math does not allow."""
+        if not self.teacher.model_path:
+            raise OPDConfigError(
+                "algorithm.adv_estimator=opd needs a teacher: set opd.teacher.model_path=<path to the teacher model> "
+                "(with the stock verl config: +opd.teacher.model_path=...)."
+            )
+        if not os.path.isfile(os.path.join(self.teacher.model_path, "config.json")):
+            raise OPDConfigError(
+                f"opd.teacher.model_path={self.teacher.model_path!r} is not a readable Hugging Face model directory "
+                "(no config.json there). Point it at a local directory saved with save_pretrained."
+            )
+        if self.teacher.dtype not in TEACHER_DTYPES:
+            raise OPDConfigError(f"opd.teacher.dtype={self.teacher.dtype!r}; use one of {TEACHER_DTYPES}.")
+        if not (math.isfinite(self.kl_coef) and self.kl_coef > 0):
+            raise OPDConfigError(f"opd.kl_coef={self.kl_coef} must be a finite number > 0.")
+        if not 0.0 <= self.discount <= 1.0:
+            raise OPDConfigError(f"opd.discount={self.discount} must be in [0, 1] (0 = per-token, the default).")
+        if not (math.isfinite(self.task_reward_coef) and self.task_reward_coef >= 0):
+            raise OPDConfigError(f"opd.task_reward_coef={self.task_reward_coef} must be a finite number >= 0.")
+
+
+def teacher_precision(dtype: str) -> dict[str, str]:
+    """FSDP mixed-precision setting that makes the teacher compute in ``dtype``."""
+    return {"param_dtype": _PRECISION_NAMES[dtype], "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
+
+
+def _take_legacy_teacher_key(config: DictConfig) -> None:
+    """Accept ``+actor_rollout_ref.ref.model.path=T`` (the original design's key) as the teacher.
+
+    verl 0.9.1 has no such key and would crash building the ref dataclass, so it is
+    moved to ``opd.teacher.model_path`` here, or refused when both disagree.
+    """
+    legacy = OmegaConf.select(config, LEGACY_TEACHER_KEY)
+    if legacy is None:
+        return
+    current = OmegaConf.select(config, "opd.teacher.model_path")
+    if current not in (None, legacy):
+        raise OPDConfigError(
+            f"Two different teachers given: {LEGACY_TEACHER_KEY}={legacy!r} and opd.teacher.model_path={current!r}. "
+            "Keep only opd.teacher.model_path."
+        )
+    with open_dict(config):
+        OmegaConf.update(config, "opd.teacher.model_path", legacy, force_add=True)
+        del config.actor_rollout_ref.ref.model
+    logger.warning("verl-opd: %s is deprecated; using it as opd.teacher.model_path=%s", LEGACY_TEACHER_KEY, legacy)
+
+
+def _refuse_conflicts(config: DictConfig, opd: OPDConfig) -> None:
+    arr = config.actor_rollout_ref
+    if arr.actor.get("use_kl_loss", False):
+        raise OPDConfigError(
+            "actor_rollout_ref.actor.use_kl_loss=True adds a KL-to-reference loss; with OPD the teacher takes the "
+            "reference slot, so that loss would pull the student towards the teacher twice. "
+            "Set actor_rollout_ref.actor.use_kl_loss=False."
+        )
+    if OmegaConf.select(config, "distillation.enabled"):
+        raise OPDConfigError(
+            "distillation.enabled=True turns on verl's built-in distillation, a second teacher path. "
+            "Use one: set distillation.enabled=False for verl-opd's algorithm.adv_estimator=opd."
+        )
+    lora_rank = arr.model.get("lora_rank", 0) or (arr.model.get("lora", {}) or {}).get("rank", 0)
+    if lora_rank or arr.model.get("lora_adapter_path"):
+        raise OPDConfigError(
+            "A LoRA student is not supported by algorithm.adv_estimator=opd: with LoRA, verl scores the reference "
+            "slot with the student's own base weights instead of the teacher, which gives zero advantages. "
+            "Set actor_rollout_ref.model.lora_rank=0 (full fine-tuning)."
+        )
+    if opd.teacher.offload and config.trainer.device == "cpu":
+        raise OPDConfigError(
+            "opd.teacher.offload=True streams the teacher from pinned host memory to a GPU; there is no GPU with "
+            "trainer.device=cpu. Set opd.teacher.offload=False."
+        )
+
+
+def _warn_biased_sampling(config: DictConfig) -> None:
+    rollout = config.actor_rollout_ref.rollout
+    temperature, top_p, top_k = rollout.get("temperature", 1.0), rollout.get("top_p", 1.0), rollout.get("top_k", -1)
+    if temperature != 1.0:
+        logger.warning(
+            "verl-opd: rollout.temperature=%s. The student samples from softmax(logits/T) and both log-probs are "
+            "scored at T, so the reverse KL is that of the tempered policies, not of the models themselves. "
+            "Use temperature=1.0 for the unbiased estimator.",
+            temperature,
+        )
+    if top_p not in (None, 1.0) or top_k not in (None, -1, 0):
+        logger.warning(
+            "verl-opd: rollout top_p=%s top_k=%s truncate the sampling distribution, but the log-probs are of the "
+            "untruncated one: the reverse-KL estimate is biased. Use top_p=1.0 and top_k=-1.",
+            top_p,
+            top_k,
+        )
+
+
+def _opd_rules(config: DictConfig, opd: OPDConfig) -> list[tuple[str, Any]]:
+    arr = config.actor_rollout_ref
+    rules: list[tuple[str, Any]] = [
+        # A reference worker exists only with a reference KL; OPD's trainer replaces the KL
+        # penalty with its own advantage, and the worker loads the teacher in that slot.
+        ("algorithm.use_kl_in_reward", True),
+        ("algorithm.kl_penalty", "kl"),
+        ("algorithm.kl_ctrl.type", "fixed"),
+        ("algorithm.kl_ctrl.kl_coef", opd.kl_coef),
+        ("algorithm.norm_adv_by_std_in_grpo", False),
+        ("trainer.v1.trainer_mode", TRAINER_MODE),
+        # The rollout's own log-probs are kept to log their gap to the recomputed ones.
+        ("actor_rollout_ref.rollout.calculate_log_probs", True),
+        # fp32 log-probs on the student side too (bf16 quantises the advantage).
+        ("actor_rollout_ref.actor.fsdp_config.mixed_precision", teacher_precision("float32")),
+        ("actor_rollout_ref.ref.fsdp_config.mixed_precision", teacher_precision(opd.teacher.dtype)),
+    ]
+    if not arr.ref.get("log_prob_use_dynamic_bsz", False) and arr.ref.get("log_prob_micro_batch_size_per_gpu") is None:
+        micro = arr.rollout.get("log_prob_micro_batch_size_per_gpu") or arr.actor.get("ppo_micro_batch_size_per_gpu")
+        rules.append(("actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu", micro))
+    return rules
+
+
+def apply_opd_settings(config: DictConfig) -> list[str]:
+    """Validate an OPD run and set what it needs in ``config``; return the ``key=value`` changes."""
+    from verl_opd.checkpoint_identity import check_resume_teacher
+    from verl_opd.tokenizer_check import assert_compatible_tokenizers
+
+    _take_legacy_teacher_key(config)
+    opd = OPDConfig.from_config(config)
+    opd.validate()
+    _refuse_conflicts(config, opd)
+    _warn_biased_sampling(config)
+    if opd.check_tokenizers:
+        assert_compatible_tokenizers(config.actor_rollout_ref.model.path, opd.teacher.model_path)
+    check_resume_teacher(config, opd)
+
+    changes = []
+    with open_dict(config):
+        for key, value in _opd_rules(config, opd):
+            current = OmegaConf.select(config, key)
+            if isinstance(current, DictConfig):
+                current = OmegaConf.to_container(current)
+            if current != value:
+                OmegaConf.update(config, key, value, force_add=True)
+                changes.append(f"{key}={value}")
+        # Workers only receive actor_rollout_ref: give them the opd node there.
+        config.actor_rollout_ref.opd = OmegaConf.structured(opd)
+    logger.warning("verl-opd: algorithm.adv_estimator=opd applied: %s", ", ".join(changes) or "nothing to change")
+    return changes

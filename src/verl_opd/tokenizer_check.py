@@ -1,0 +1,146 @@
+"""Do student and teacher tokenize the same text into the same ids?
+
+OPD scores the student's token ids with the teacher. If the two tokenizers map
+text to different ids, use different special tokens or render chats differently,
+the teacher scores tokens it never meant, and training silently optimises a
+biased target. These checks load only the tokenizers (seconds, no GPU) and
+compare ids, not just vocabulary sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+PROBE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "What is 37 + 48? Answer with #### and the number. #### 85",
+    "def f(x):\n    return x ** 2  # squares\n",
+    "Ünïcödé — “quotes”, emoji 🙂, 中文, العربية.",
+    "   leading spaces\ttabs\nnewlines\r\n",
+    "1234567890 3.14159 -42 1e-9",
+)
+PROBE_CHAT = (
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is 12 + 30?"},
+    {"role": "assistant", "content": "#### 42"},
+)
+
+
+@dataclass(frozen=True)
+class TokenizerCheck:
+    """One comparison: its name, whether it passed, and what to do if not."""
+
+    name: str
+    passed: bool
+    detail: str
+
+
+class TokenizerMismatchError(ValueError):
+    """Student and teacher tokenizers disagree; the message lists every difference."""
+
+
+def _load(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _special_tokens(tokenizer: Any) -> dict[str, tuple[str | None, int | None]]:
+    names = ("bos_token", "eos_token", "pad_token", "unk_token")
+    return {name: (getattr(tokenizer, name), getattr(tokenizer, f"{name}_id")) for name in names}
+
+
+def _model_vocab_size(path: str) -> int | None:
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        return None
+    with open(config_file) as f:
+        return json.load(f).get("vocab_size")
+
+
+def compare_tokenizers(student_path: str, teacher_path: str) -> list[TokenizerCheck]:
+    """Run every check; never raises for a mismatch (see :func:`assert_compatible_tokenizers`)."""
+    student, teacher = _load(student_path), _load(teacher_path)
+    checks: list[TokenizerCheck] = []
+
+    student_vocab, teacher_vocab = student.get_vocab(), teacher.get_vocab()
+    moved = [tok for tok, idx in student_vocab.items() if teacher_vocab.get(tok) != idx]
+    checks.append(
+        TokenizerCheck(
+            "vocabulary ids",
+            not moved,
+            "every student token has the same id in the teacher"
+            if not moved
+            else f"{len(moved)} of {len(student_vocab)} student tokens are missing from the teacher or have another "
+            f"id (e.g. {moved[:3]}); vocab sizes {len(student_vocab)} vs {len(teacher_vocab)}",
+        )
+    )
+
+    teacher_rows = _model_vocab_size(teacher_path)
+    max_student_id = max(student_vocab.values())
+    fits = teacher_rows is None or max_student_id < teacher_rows
+    checks.append(
+        TokenizerCheck(
+            "teacher embedding covers student ids",
+            fits,
+            f"largest student id {max_student_id} < teacher vocab_size {teacher_rows}"
+            if fits
+            else f"student can emit id {max_student_id} but the teacher model has only {teacher_rows} rows",
+        )
+    )
+
+    differing = [text for text in PROBE_TEXTS if student.encode(text) != teacher.encode(text)]
+    checks.append(
+        TokenizerCheck(
+            "probe texts encode to the same ids",
+            not differing,
+            f"{len(PROBE_TEXTS)} probe texts identical"
+            if not differing
+            else f"{len(differing)} probe texts encode differently, e.g. {differing[0]!r}",
+        )
+    )
+
+    student_special, teacher_special = _special_tokens(student), _special_tokens(teacher)
+    special_diff = {
+        k: (student_special[k], teacher_special[k]) for k in student_special if student_special[k] != teacher_special[k]
+    }
+    checks.append(
+        TokenizerCheck(
+            "special tokens",
+            not special_diff,
+            "bos/eos/pad/unk identical" if not special_diff else f"differ (student, teacher): {special_diff}",
+        )
+    )
+
+    same_template = (student.chat_template or "") == (teacher.chat_template or "")
+    rendered_same = True
+    if student.chat_template and teacher.chat_template:
+        rendered_same = student.apply_chat_template(list(PROBE_CHAT), tokenize=False) == teacher.apply_chat_template(
+            list(PROBE_CHAT), tokenize=False
+        )
+    checks.append(
+        TokenizerCheck(
+            "chat template",
+            same_template and rendered_same,
+            "identical"
+            if same_template and rendered_same
+            else "student and teacher chat templates differ: the teacher would score a prompt rendered in another "
+            "format than the one the student saw",
+        )
+    )
+    return checks
+
+
+def assert_compatible_tokenizers(student_path: str, teacher_path: str) -> None:
+    """Raise :class:`TokenizerMismatchError` naming every failed check and the fix."""
+    failed = [c for c in compare_tokenizers(student_path, teacher_path) if not c.passed]
+    if failed:
+        lines = "\n".join(f"  - {c.name}: {c.detail}" for c in failed)
+        raise TokenizerMismatchError(
+            f"Teacher tokenizer ({teacher_path}) is not compatible with the student's ({student_path}):\n{lines}\n"
+            "OPD scores the student's token ids with the teacher, so both must share one tokenizer and chat template. "
+            "Use a teacher from the same model family, or (at your own risk) opd.check_tokenizers=False."
+        )
