@@ -228,11 +228,17 @@ class HFGenerateServer:
                     own[name].copy_(tensor.to(own[name].dtype))
             if global_steps is not None:
                 self.global_steps = global_steps
+            # One line per sync, so a run's log shows the trained weights arriving.
+            print(
+                f"verl-opd hf rollout: weights for step {global_steps} loaded "
+                f"({len(state_dict)} tensors, checksum {self.served_weights_checksum():.8e})",
+                flush=True,
+            )
 
     def served_weights_checksum(self) -> float:
-        """Sum of all served parameters; lets tests see that trained weights arrived."""
+        """Sum of |w| over all served parameters: changes whenever trained weights arrive."""
         with torch.no_grad():
-            return float(sum(p.double().sum().item() for p in self.model.parameters()))
+            return float(sum(p.double().abs().sum().item() for p in self.model.parameters()))
 
     # ------------------------------------------------------------------ lifecycle (no device memory to free)
     async def set_global_steps(self, global_steps: int) -> None:

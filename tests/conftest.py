@@ -1,0 +1,112 @@
+"""Shared fixtures: tiny models built offline, and a runner for the real ``verl.trainer.main_ppo``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from verl_opd.console_metrics import parse_step_metrics
+
+E2E_TIMEOUT_S = 900
+
+
+@dataclass(frozen=True)
+class TinyAssets:
+    """Paths of one tiny OPD setup (all sharing one tokenizer)."""
+
+    root: Path
+    student: Path
+    teacher: Path
+    student_copy: Path
+    data: Path
+
+    @property
+    def train(self) -> Path:
+        return self.data / "train.parquet"
+
+    @property
+    def test(self) -> Path:
+        return self.data / "test.parquet"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    returncode: int
+    output: str
+    steps: dict[int, dict[str, float]]
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.output.splitlines()[-n:])
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
+    """Student (hidden 32), a larger teacher (hidden 64) and an exact copy of the student."""
+    from verl_opd.tiny.model import build_model
+    from verl_opd.tiny.task import build_dataset
+    from verl_opd.tiny.tokenizer import build_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = build_tokenizer(root / "tokenizer", vocab_size=256, seed=0)
+    student = build_model(root / "student", tokenizer, hidden_size=32, num_layers=2, seed=1)
+    teacher = build_model(root / "teacher", tokenizer, hidden_size=64, num_layers=2, seed=2)
+    student_copy = root / "student_copy"
+    shutil.copytree(student, student_copy)
+    build_dataset(root / "data", n_train=64, n_test=16, seed=0)
+    return TinyAssets(root, Path(student), Path(teacher), student_copy, root / "data")
+
+
+def tiny_cpu_args(tiny: TinyAssets, steps: int, batch: int = 4, response_length: int = 16) -> list[str]:
+    """Overrides for a small CPU run of ``main_ppo`` on the tiny assets (no algorithm choice)."""
+    return [
+        "trainer.device=cpu",
+        f"data.train_files={tiny.train}",
+        f"data.val_files={tiny.test}",
+        f"data.train_batch_size={batch}",
+        "data.max_prompt_length=64",
+        f"data.max_response_length={response_length}",
+        f"actor_rollout_ref.model.path={tiny.student}",
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={batch}",
+        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={batch}",
+        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={batch}",
+        "actor_rollout_ref.actor.use_kl_loss=False",
+        "trainer.n_gpus_per_node=1",
+        "trainer.nnodes=1",
+        f"trainer.total_training_steps={steps}",
+        "trainer.logger=console",
+        "trainer.val_before_train=False",
+        "trainer.test_freq=-1",
+        "trainer.project_name=verl_opd_tests",
+        "trainer.experiment_name=e2e",
+    ]
+
+
+def run_main_ppo(args: list[str], cwd: Path, config_name: str | None = None) -> RunResult:
+    """Run ``python -m verl.trainer.main_ppo`` as a user would; return its output and parsed step metrics."""
+    command = [sys.executable, "-m", "verl.trainer.main_ppo"]
+    if config_name:
+        command.append(f"--config-name={config_name}")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.run(
+        command + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=E2E_TIMEOUT_S, check=False
+    )
+    output = proc.stdout + proc.stderr
+    return RunResult(proc.returncode, output, parse_step_metrics(output))
+
+
+@pytest.fixture(scope="session")
+def cpu_args():
+    """``tiny_cpu_args`` as a fixture (test modules cannot import conftest in importlib mode)."""
+    return tiny_cpu_args
+
+
+@pytest.fixture(scope="session")
+def main_ppo():
+    """``run_main_ppo`` as a fixture."""
+    return run_main_ppo
