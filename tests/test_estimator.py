@@ -199,6 +199,7 @@ def test_opd_metrics_hand_checked():
         "opd/advantage_min": -1.0,
         "opd/advantage_max": 2.0,
         "opd/teacher_prefers_frac": 0.5,
+        "opd/advantage_min_gap": 1.0,  # distinct advantages -1, 0, 1, 2
         "opd/rollout_vs_train_log_prob_abs_diff_mean": (0.125 + 0.25 + 0 + 0.5) / 4,
         "opd/rollout_vs_train_log_prob_abs_diff_max": 0.5,
         "opd/response_tokens": 4.0,
@@ -223,7 +224,7 @@ def test_opd_metrics_all_zero_mask_is_zero_not_nan():
     mask = torch.zeros(2, 4, dtype=torch.long)
     m = opd_metrics(student, teacher, mask, torch.zeros(2, 4), rollout_log_probs=student)
     assert m["opd/response_tokens"] == 0.0
-    assert len(m) == 12
+    assert len(m) == 13
     assert all(v == 0.0 for v in m.values())
 
 

@@ -17,6 +17,11 @@ def _masked_values(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x.detach()[mask].to(torch.float64)
 
 
+def _min_gap(values: torch.Tensor) -> float:
+    distinct = torch.unique(values)
+    return (distinct[1:] - distinct[:-1]).min().item() if distinct.numel() > 1 else 0.0
+
+
 def opd_metrics(
     student_log_probs: torch.Tensor,
     teacher_log_probs: torch.Tensor,
@@ -49,6 +54,10 @@ def opd_metrics(
         ``opd/teacher_prefers_frac``: fraction of response tokens where the teacher
         log-prob is strictly higher than the student's (where A_t > 0 at discount 0).
         ``opd/response_tokens``: number of response tokens.
+        ``opd/advantage_min_gap``: smallest gap between two distinct advantage values, a
+        precision probe (spec rule 10): bf16 log-probs put every advantage on a grid of
+        about 0.03, so a gap well below 1e-3 shows the advantages are not quantised
+        (0.0 when fewer than two distinct values exist).
         With ``rollout_log_probs``: ``opd/rollout_vs_train_log_prob_abs_diff_{mean,max}``
         of ``|rollout - student|``.
         An all-zero mask gives 0.0 for every value rather than NaN.
@@ -78,6 +87,7 @@ def opd_metrics(
         "opd/advantage_min",
         "opd/advantage_max",
         "opd/teacher_prefers_frac",
+        "opd/advantage_min_gap",
     ]
     if rollout_log_probs is not None:
         keys += ["opd/rollout_vs_train_log_prob_abs_diff_mean", "opd/rollout_vs_train_log_prob_abs_diff_max"]
@@ -108,6 +118,7 @@ def opd_metrics(
         "opd/advantage_min": adv.min().item(),
         "opd/advantage_max": adv.max().item(),
         "opd/teacher_prefers_frac": (teacher > student).to(torch.float64).mean().item(),
+        "opd/advantage_min_gap": _min_gap(adv),
     }
     if rollout_log_probs is not None:
         gap = (_masked_values(rollout_log_probs, mask) - student).abs()

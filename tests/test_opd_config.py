@@ -1,0 +1,171 @@
+"""Bad input gets a clear error before any model is loaded (issue 4); good input gets OPD's settings."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from verl_opd.opd_config import OPDConfigError, apply_opd_settings
+from verl_opd.tokenizer_check import TokenizerMismatchError, compare_tokenizers
+
+
+def _compose(overrides: list[str], config_name: str = "ppo_trainer"):
+    with initialize_config_module("verl.trainer.config", version_base=None):
+        return compose(config_name, overrides=overrides)
+
+
+def _opd(tiny, *extra: str, teacher=None) -> list[str]:
+    teacher = tiny.teacher if teacher is None else teacher
+    return [
+        "algorithm.adv_estimator=opd",
+        f"actor_rollout_ref.model.path={tiny.student}",
+        f"+opd.teacher.model_path={teacher}",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def variants(tiny, tmp_path_factory):
+    """Teachers that differ from the student in exactly one tokenizer aspect."""
+    root = tmp_path_factory.mktemp("variants")
+    other_ids = root / "other_ids"
+    shutil.copytree(tiny.teacher, other_ids)
+    tokenizer_file = other_ids / "tokenizer.json"
+    tokenizer = json.loads(tokenizer_file.read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["1"], vocab["2"] = vocab["2"], vocab["1"]  # same vocabulary size, two ids swapped
+    tokenizer_file.write_text(json.dumps(tokenizer))
+
+    other_template = root / "other_template"
+    shutil.copytree(tiny.teacher, other_template)
+    template = other_template / "chat_template.jinja"
+    template.write_text(template.read_text().replace("<|im_start|>", "<|im_start|> "))
+
+    other_special = root / "other_special"
+    shutil.copytree(tiny.teacher, other_special)
+    config_file = other_special / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text())
+    tokenizer_config["eos_token"] = "<|endoftext|>"
+    config_file.write_text(json.dumps(tokenizer_config))
+    return {"other_ids": other_ids, "other_template": other_template, "other_special": other_special}
+
+
+def test_compatible_pair_passes_and_settings_are_applied(tiny, caplog):
+    config = _compose(_opd(tiny))
+    with caplog.at_level(logging.WARNING):
+        changes = apply_opd_settings(config)
+    assert config.algorithm.use_kl_in_reward is True
+    assert config.algorithm.kl_ctrl.kl_coef == 1.0 and config.algorithm.kl_ctrl.type == "fixed"
+    assert config.trainer.v1.trainer_mode == "opd"
+    assert config.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu == 4
+    assert config.actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype == "fp32"
+    assert config.actor_rollout_ref.opd.teacher.model_path == str(tiny.teacher)  # workers get the opd node
+    assert "algorithm.use_kl_in_reward=True" in changes
+    assert "algorithm.adv_estimator=opd applied" in caplog.text
+    assert all(check.passed for check in compare_tokenizers(str(tiny.student), str(tiny.teacher)))
+
+
+def test_shipped_config_needs_no_extra_keys(tiny):
+    config = _compose(
+        [f"opd.teacher.model_path={tiny.teacher}", f"actor_rollout_ref.model.path={tiny.student}"], "opd_trainer"
+    )
+    assert config.algorithm.adv_estimator == "opd" and config.actor_rollout_ref.rollout.n == 1
+    assert config.opd.discount == 0.0 and config.algorithm.norm_adv_by_std_in_grpo is False
+    apply_opd_settings(config)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["actor_rollout_ref.actor.use_kl_loss=True"], "actor_rollout_ref.actor.use_kl_loss=False"),
+        (["distillation.enabled=True"], "set distillation.enabled=False"),
+        (["actor_rollout_ref.model.lora_rank=8"], "actor_rollout_ref.model.lora_rank=0"),
+        (["+opd.kl_coef=0"], "opd.kl_coef=0 must be"),
+        (["+opd.discount=1.5"], "opd.discount=1.5 must be in [0, 1]"),
+        (["+opd.teacher.dtype=int8"], "opd.teacher.dtype='int8'"),
+        (["+opd.temprature=1"], "Unknown opd keys ['temprature']"),
+        (["trainer.device=cpu", "+opd.teacher.offload=True"], "Set opd.teacher.offload=False"),
+    ],
+)
+def test_conflicting_settings_are_refused(tiny, extra, expected):
+    with pytest.raises(OPDConfigError) as error:
+        apply_opd_settings(_compose(_opd(tiny, *extra)))
+    assert expected in str(error.value)
+
+
+def test_missing_or_unreadable_teacher(tiny, tmp_path):
+    no_teacher = _compose(["algorithm.adv_estimator=opd", f"actor_rollout_ref.model.path={tiny.student}"])
+    with pytest.raises(OPDConfigError, match=r"needs a teacher: set opd.teacher.model_path"):
+        apply_opd_settings(no_teacher)
+    with pytest.raises(OPDConfigError, match=r"not a readable Hugging Face model directory"):
+        apply_opd_settings(_compose(_opd(tiny, teacher=tmp_path / "nope")))
+
+
+@pytest.mark.parametrize(
+    ("variant", "failed_check"),
+    [
+        ("other_ids", "vocabulary ids"),
+        ("other_template", "chat template"),
+        ("other_special", "special tokens"),
+    ],
+)
+def test_incompatible_tokenizers_are_refused(tiny, variants, variant, failed_check):
+    with pytest.raises(TokenizerMismatchError) as error:
+        apply_opd_settings(_compose(_opd(tiny, teacher=variants[variant])))
+    message = str(error.value)
+    assert f"- {failed_check}:" in message
+    assert "share one tokenizer and chat template" in message
+
+
+def test_original_design_key_is_accepted_as_the_teacher(tiny):
+    config = _compose(
+        [
+            "algorithm.adv_estimator=opd",
+            f"actor_rollout_ref.model.path={tiny.student}",
+            f"+actor_rollout_ref.ref.model.path={tiny.teacher}",
+        ]
+    )
+    apply_opd_settings(config)
+    assert config.opd.teacher.model_path == str(tiny.teacher)
+    assert "model" not in config.actor_rollout_ref.ref  # would crash verl's ref dataclass
+
+    both = _compose(_opd(tiny, f"+actor_rollout_ref.ref.model.path={tiny.student_copy}"))
+    with pytest.raises(OPDConfigError, match="Keep only opd.teacher.model_path"):
+        apply_opd_settings(both)
+
+
+def test_biased_sampling_warns(tiny, caplog):
+    config = _compose(_opd(tiny, "actor_rollout_ref.rollout.temperature=0.7", "actor_rollout_ref.rollout.top_p=0.9"))
+    with caplog.at_level(logging.WARNING):
+        apply_opd_settings(config)
+    assert "rollout.temperature=0.7" in caplog.text and "unbiased estimator" in caplog.text
+    assert "top_p=0.9" in caplog.text and "biased" in caplog.text
+
+
+def test_main_ppo_refuses_bad_teacher_before_starting_anything(tiny, variants, tmp_path):
+    """The real command line: a mismatched teacher fails in the driver, before Ray or any model starts."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "verl.trainer.main_ppo",
+            "trainer.device=cpu",
+            *_opd(tiny, teacher=variants["other_ids"]),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "is not compatible with the student's" in output
+    assert "Started a local Ray instance" not in output
