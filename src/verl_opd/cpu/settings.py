@@ -39,8 +39,14 @@ def _cpu_rules(config: DictConfig) -> list[tuple[str, Any, Callable[[Any], bool]
         # Ray: logical GPUs so verl's placement groups form, spare CPUs so actors start.
         _rule("ray_kwargs.ray_init.num_gpus", n_logical_gpus, lambda v: v is None),
         _rule("ray_kwargs.ray_init.num_cpus", MIN_RAY_CPUS, lambda v: v is None or v < MIN_RAY_CPUS),
+        _rule("ray_kwargs.ray_init.include_dashboard", False, lambda v: v is None),
         # One TransferQueue storage actor: each one wants a CPU of its own.
         _rule("transfer_queue.backend.SimpleStorage.num_data_storage_units", 1, lambda v: v != 1),
+        # verl's defaults start 8 agent-loop, 8 reward and 8 data-loader processes, each importing
+        # verl and torch: minutes of start-up on a laptop for no gain at CPU batch sizes.
+        _rule("actor_rollout_ref.rollout.agent.num_workers", 1, lambda v: v is not None and v > 1),
+        _rule("reward.num_workers", 1, lambda v: v is not None and v > 1),
+        _rule("data.dataloader_num_workers", 0, lambda v: v is not None and v > 0),
         # FlashAttention does not exist on CPU.
         _rule("actor_rollout_ref.model.override_config.attn_implementation", "sdpa", lambda v: v != "sdpa"),
         # FSDP1 refuses CPU parameters with sync_module_states; FSDP2 works.
@@ -59,7 +65,8 @@ def _cpu_rules(config: DictConfig) -> list[tuple[str, Any, Callable[[Any], bool]
 def apply_cpu_settings(config: DictConfig) -> list[str]:
     """Make ``config`` runnable on CPU; return the ``key=value`` changes made.
 
-    Only values that cannot work on CPU are replaced; compatible user choices stay.
+    Only values that cannot work on CPU, or that only cost start-up time there, are
+    replaced; compatible user choices stay.
     Also exports :data:`CPU_ENV` to this process (Ray workers inherit it) and to
     Ray's runtime environment.
     """

@@ -23,11 +23,13 @@ def build_model(
     intermediate_size: int | None = None,
     seed: int = 0,
     max_position_embeddings: int = 512,
+    initializer_range: float = 0.02,
 ) -> Path:
     """Build a seeded random ``Qwen2ForCausalLM``, save it with ``tokenizer`` in ``out_dir`` and return the path.
 
     ``intermediate_size`` defaults to ``2 * hidden_size`` (hidden 64, 2 layers, vocab 512: about 107k
-    parameters). Like Qwen, the bos id is ``<|endoftext|>`` (the pad token) since the tokenizer has no bos.
+    parameters). A larger ``initializer_range`` gives a random model with sharper, more opinionated
+    next-token distributions: a teacher that differs clearly from a near-uniform random student. Like Qwen, the bos id is ``<|endoftext|>`` (the pad token) since the tokenizer has no bos.
     """
     config = Qwen2Config(
         vocab_size=len(tokenizer),
@@ -42,6 +44,7 @@ def build_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         dtype="float32",
+        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
