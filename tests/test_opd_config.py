@@ -66,6 +66,7 @@ def test_compatible_pair_passes_and_settings_are_applied(tiny, caplog):
     assert config.trainer.v1.trainer_mode == "opd"
     assert config.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu == 4
     assert config.actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype == "fp32"
+    assert config.actor_rollout_ref.ref.fsdp_config.model_dtype == "fp32"
     assert config.actor_rollout_ref.opd.teacher.model_path == str(tiny.teacher)  # workers get the opd node
     assert "algorithm.use_kl_in_reward=True" in changes
     assert "algorithm.adv_estimator=opd applied" in caplog.text
@@ -85,6 +86,7 @@ def test_shipped_config_needs_no_extra_keys(tiny):
     ("extra", "expected"),
     [
         (["actor_rollout_ref.actor.use_kl_loss=True"], "actor_rollout_ref.actor.use_kl_loss=False"),
+        (["trainer.use_v1=False"], "Set trainer.use_v1=True"),
         (["distillation.enabled=True"], "set distillation.enabled=False"),
         (["actor_rollout_ref.model.lora_rank=8"], "actor_rollout_ref.model.lora_rank=0"),
         (["+opd.kl_coef=0"], "opd.kl_coef=0 must be"),

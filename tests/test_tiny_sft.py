@@ -12,8 +12,15 @@ from verl.utils.reward_score import gsm8k
 
 from verl_opd.tiny.evaluate import evaluate_accuracy, score_completions
 from verl_opd.tiny.model import build_model
-from verl_opd.tiny.sft import SFTExample, collate, completion_loss, encode_example, render_prompt, sample_completions
-from verl_opd.tiny.sft import sft_train
+from verl_opd.tiny.sft import (
+    SFTExample,
+    collate,
+    completion_loss,
+    encode_example,
+    render_prompt,
+    sample_completions,
+    sft_train,
+)
 from verl_opd.tiny.task import build_dataset, load_split, make_problem, prompt_text, solution_text
 from verl_opd.tiny.tokenizer import build_tokenizer
 

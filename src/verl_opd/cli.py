@@ -11,6 +11,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from verl_opd.doctor import add_doctor_parser
+
 
 def _tiny_tokenizer(args: argparse.Namespace) -> int:
     from verl_opd.tiny.tokenizer import build_tokenizer
@@ -50,8 +52,20 @@ def _tiny_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tiny_demo_models(args: argparse.Namespace) -> int:
+    from verl_opd.tiny.demo_models import build_demo_models
+
+    result = build_demo_models(args.out, seed=args.seed)
+    state = "reused cache" if result["cached"] else f"built in {sum(result['seconds'].values()):.0f}s"
+    print(f"demo models in {args.out} ({state})")
+    for role in ("teacher", "student"):
+        print(f"{role}: {result[role]} (greedy accuracy {result[f'{role}_accuracy']:.1%})")
+    print(f"train: {result['train']}\ntest: {result['test']}")
+    return 0
+
+
 def add_tiny_parser(subparsers: argparse._SubParsersAction) -> None:
-    """``verl-opd tiny {tokenizer,model,data}``: build hub-free tiny artifacts locally."""
+    """``verl-opd tiny {tokenizer,model,data,demo-models}``: build hub-free tiny artifacts locally."""
     tiny = subparsers.add_parser("tiny", help="build a tiny tokenizer, model or dataset locally (no hub)")
     leaves = tiny.add_subparsers(dest="tiny_command", required=True)
 
@@ -81,8 +95,13 @@ def add_tiny_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--digits", type=int, default=2, help="digits per operand")
     p.set_defaults(func=_tiny_data)
 
+    p = leaves.add_parser("demo-models", help="build (or reuse) the demo's SFT teacher and weaker student")
+    p.add_argument("--out", required=True, help="output directory (also the cache)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_tiny_demo_models)
 
-PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [add_tiny_parser]
+
+PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [add_tiny_parser, add_doctor_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -509,8 +509,8 @@ def check_config(
                 "compose",
                 FAIL,
                 f"the overrides do not compose with config {config_name!r}: {type(exc).__name__}: {exc}\n"
-                "fix: a key that is not in the config needs a leading '+' (e.g. +opd.teacher.model_path=... with "
-                "the stock ppo_trainer config); options such as --config-name go before the overrides",
+                "hint: a key that is not in the config needs a leading '+' (e.g. +opd.teacher.model_path=... "
+                "with the stock ppo_trainer config); options such as --config-name go before the overrides",
             )
         ]
     checks = [Check("config", "compose", PASS, f"config {config_name!r} + {len(overrides)} override(s)")]
@@ -545,7 +545,7 @@ def check_config(
         warnings.simplefilter("ignore")
         try:
             configure(config)
-        except ValueError as exc:  # OPDConfigError, TokenizerMismatchError, resume refusals
+        except Exception as exc:  # noqa: BLE001 - OPDConfigError, TokenizerMismatchError, resume refusals, I/O
             checks.append(Check("config", f"verl-opd settings ({type(exc).__name__})", FAIL, str(exc)))
             return checks
     applied, warned = _log_checks(records)
@@ -639,14 +639,13 @@ def run_selftest(workdir: str | None = None, n_prompts: int = 4, seed: int = 0) 
     """CPU numeric check of the OPD advantage on tiny models (no Ray, no verl trainer)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from verl_opd.advantage import compute_opd_advantage
     from verl_opd.tiny.model import build_model
     from verl_opd.tiny.task import make_problems, prompt_text
     from verl_opd.tiny.tokenizer import build_tokenizer
     from verl_opd.tokenizer_check import compare_tokenizers
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     checks: list[Check] = []
@@ -701,7 +700,7 @@ def run_selftest(workdir: str | None = None, n_prompts: int = 4, seed: int = 0) 
         mask = torch.zeros(len(responses), width, dtype=torch.bool)
         lp = {name: torch.full((len(responses), width), float("nan")) for name in (*models, "sampled")}
         exact_kl = torch.zeros(len(responses), width)
-        for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
             n = len(response)
             mask[row, :n] = True
             lp["sampled"][row, :n] = torch.tensor(sampled[row])

@@ -9,6 +9,7 @@ thing, and sets the verl keys OPD needs, logging each change.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -116,6 +117,11 @@ def _take_legacy_teacher_key(config: DictConfig) -> None:
 
 def _refuse_conflicts(config: DictConfig, opd: OPDConfig) -> None:
     arr = config.actor_rollout_ref
+    if not config.trainer.get("use_v1", True):
+        raise OPDConfigError(
+            "trainer.use_v1=False runs verl's legacy trainer, whose reference model is a copy of the student: "
+            "the teacher would never be loaded. Set trainer.use_v1=True (the default)."
+        )
     if arr.actor.get("use_kl_loss", False):
         raise OPDConfigError(
             "actor_rollout_ref.actor.use_kl_loss=True adds a KL-to-reference loss; with OPD the teacher takes the "
@@ -176,6 +182,9 @@ def _opd_rules(config: DictConfig, opd: OPDConfig) -> list[tuple[str, Any]]:
         # fp32 log-probs on the student side too (bf16 quantises the advantage).
         ("actor_rollout_ref.actor.fsdp_config.mixed_precision", teacher_precision("float32")),
         ("actor_rollout_ref.ref.fsdp_config.mixed_precision", teacher_precision(opd.teacher.dtype)),
+        # verl stores weights in model_dtype and only computes in the mixed-precision dtype:
+        # a bf16 teacher saves memory only if it is also stored in bf16.
+        ("actor_rollout_ref.ref.fsdp_config.model_dtype", _PRECISION_NAMES[opd.teacher.dtype]),
     ]
     if not arr.ref.get("log_prob_use_dynamic_bsz", False) and arr.ref.get("log_prob_micro_batch_size_per_gpu") is None:
         micro = arr.rollout.get("log_prob_micro_batch_size_per_gpu") or arr.actor.get("ppo_micro_batch_size_per_gpu")
@@ -206,7 +215,9 @@ def apply_opd_settings(config: DictConfig) -> list[str]:
             if current != value:
                 OmegaConf.update(config, key, value, force_add=True)
                 changes.append(f"{key}={value}")
-        # Workers only receive actor_rollout_ref: give them the opd node there.
-        config.actor_rollout_ref.opd = OmegaConf.structured(opd)
+        # Workers only receive actor_rollout_ref: give them the opd node there, with an absolute
+        # teacher path (Ray workers need not share the driver's working directory).
+        teacher = dataclasses.replace(opd.teacher, model_path=os.path.abspath(opd.teacher.model_path))
+        config.actor_rollout_ref.opd = OmegaConf.structured(dataclasses.replace(opd, teacher=teacher))
     logger.warning("verl-opd: algorithm.adv_estimator=opd applied: %s", ", ".join(changes) or "nothing to change")
     return changes

@@ -29,7 +29,8 @@ def build_model(
 
     ``intermediate_size`` defaults to ``2 * hidden_size`` (hidden 64, 2 layers, vocab 512: about 107k
     parameters). A larger ``initializer_range`` gives a random model with sharper, more opinionated
-    next-token distributions: a teacher that differs clearly from a near-uniform random student. Like Qwen, the bos id is ``<|endoftext|>`` (the pad token) since the tokenizer has no bos.
+    next-token distributions: a teacher that differs clearly from a near-uniform random student. Like Qwen,
+    the bos id is ``<|endoftext|>`` (the pad token) since the tokenizer has no bos.
     """
     config = Qwen2Config(
         vocab_size=len(tokenizer),

@@ -1,0 +1,221 @@
+"""The pre-flight checker (``verify_opd_implementation.py`` / ``verl-opd doctor``).
+
+In-process runs skip the ``plugin`` group (a fresh interpreter importing verl costs
+about 15 s); the one subprocess run of ``verify_opd_implementation.py`` includes it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from verl_opd.doctor import Check, check_tokenizers, main, permute_token_ids
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _overrides(tiny) -> list[str]:
+    """A config verl's validate_config accepts with one (logical) GPU; no trainer.device=cpu, so the
+    doctor does not switch this test process to the CPU platform."""
+    return [
+        f"data.train_files={tiny.train}",
+        f"data.val_files={tiny.test}",
+        "data.train_batch_size=4",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4",
+        "actor_rollout_ref.rollout.name=vllm",
+        "trainer.n_gpus_per_node=1",
+        "trainer.nnodes=1",
+        # resume_mode=auto would look for checkpoints under the cwd
+        "trainer.resume_mode=disable",
+    ]
+
+
+def _run(capsys, *argv: str) -> tuple[int, str]:
+    code = main(["--skip", "plugin", *argv])
+    return code, capsys.readouterr().out
+
+
+def _status(output: str, section: str, name: str) -> str:
+    """Status of the first line for ``[section] name``."""
+    for line in output.splitlines():
+        if f"[{section}] {name}" in line:
+            return line.split()[0]
+    raise AssertionError(f"no [{section}] {name} line in:\n{output}")
+
+
+@pytest.fixture(scope="module")
+def variants(tiny, tmp_path_factory) -> dict[str, Path]:
+    """Teachers that must be refused: swapped token ids (same vocab size), another chat template."""
+    root = tmp_path_factory.mktemp("doctor_teachers")
+    permuted = Path(permute_token_ids(str(tiny.teacher), str(root / "permuted")))
+    template = root / "template"
+    shutil.copytree(tiny.teacher, template)
+    (template / "chat_template.jinja").write_text(
+        "{% for message in messages %}[{{ message['role'] }}]: {{ message['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]: {% endif %}"
+    )
+    return {"permuted": permuted, "template": template}
+
+
+def test_compatible_pair_passes(tiny, capsys):
+    code, out = _run(capsys, "--student", str(tiny.student), "--teacher", str(tiny.teacher), *_overrides(tiny))
+    assert code == 0, out
+    assert "FAIL" not in out
+    for name in ("vocabulary ids", "probe texts encode to the same ids", "special tokens", "chat template"):
+        assert _status(out, "tokenizers", name) == "PASS"
+    assert _status(out, "config", "compose") == "PASS"
+    assert _status(out, "config", "verl-opd settings") == "PASS"
+    assert _status(out, "config", "verl validate_config") == "PASS"
+    assert _status(out, "plugin", "skipped") == "SKIP"
+    assert "0 failed: ready for OPD" in out
+
+
+def test_same_vocab_size_other_ids_fails(tiny, variants, capsys):
+    from transformers import AutoTokenizer
+
+    student_vocab = AutoTokenizer.from_pretrained(tiny.student).get_vocab()
+    teacher_vocab = AutoTokenizer.from_pretrained(variants["permuted"]).get_vocab()
+    assert len(student_vocab) == len(teacher_vocab) and student_vocab != teacher_vocab
+
+    code, out = _run(capsys, "--student", str(tiny.student), "--teacher", str(variants["permuted"]), *_overrides(tiny))
+    assert code == 1
+    assert _status(out, "tokenizers", "vocabulary ids") == "FAIL"
+    assert _status(out, "tokenizers", "probe texts encode to the same ids") == "FAIL"
+    assert f"vocab sizes {len(student_vocab)} vs {len(student_vocab)}" in out
+    # the driver hook refuses it too, with TokenizerMismatchError's fix
+    assert _status(out, "config", "verl-opd settings (TokenizerMismatchError)") == "FAIL"
+    assert "opd.check_tokenizers=False" in out
+
+
+def test_other_chat_template_fails(tiny, variants):
+    checks = {c.name: c for c in check_tokenizers(str(tiny.student), str(variants["template"]))}
+    assert checks["chat template"].status == "FAIL"
+    assert "fix:" in checks["chat template"].detail
+    assert checks["vocabulary ids"].status == "PASS"
+
+
+def test_missing_teacher_fails(tiny, tmp_path, capsys):
+    missing = tmp_path / "no_such_teacher"
+    code, out = _run(capsys, "--student", str(tiny.student), "--teacher", str(missing), *_overrides(tiny))
+    assert code == 1
+    assert _status(out, "tokenizers", "teacher") == "FAIL"
+    assert "does not exist" in out
+    # the driver hook names the key and the fix
+    assert "opd.teacher.model_path=" in out and "save_pretrained" in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "config_name", "expected"),
+    [
+        (["actor_rollout_ref.actor.use_kl_loss=True"], "opd_trainer", "use_kl_loss=False"),
+        (["opd.discount=1.5"], "opd_trainer", "must be in [0, 1]"),
+        ([], "ppo_trainer", "add algorithm.adv_estimator=opd"),
+        (["trainer.use_v1=False"], "opd_trainer", "set trainer.use_v1=True"),
+        (["opd.no_such_key=1"], "opd_trainer", "To append to your config use +opd.no_such_key=1"),
+        (["data.train_batch_size=3"], "opd_trainer", "verl validate_config"),
+    ],
+)
+def test_config_refusals(tiny, capsys, extra, config_name, expected):
+    code, out = _run(
+        capsys,
+        "--skip",
+        "tokenizers",
+        "--config-name",
+        config_name,
+        "--student",
+        str(tiny.student),
+        "--teacher",
+        str(tiny.teacher),
+        *_overrides(tiny),
+        *extra,
+    )
+    assert code == 1, out
+    failed = [line for line in out.splitlines() if line.startswith("FAIL")]
+    assert failed and all("[config]" in line for line in failed), out
+    assert expected in out
+
+
+def test_ppo_trainer_with_opd_estimator_passes(tiny, capsys):
+    code, out = _run(
+        capsys,
+        "--skip",
+        "tokenizers",
+        "--config-name=ppo_trainer",
+        "--student",
+        str(tiny.student),
+        "--teacher",
+        str(tiny.teacher),
+        "algorithm.adv_estimator=opd",
+        *_overrides(tiny),
+    )
+    assert code == 0, out
+    assert "algorithm.adv_estimator=opd applied" in out
+
+
+def test_selftest_passes(capsys):
+    code, out = _run(capsys, "--selftest")
+    assert code == 0, out
+    for name in ("teacher == student copy", "distinct teacher", "log-prob alignment", "advantage = teacher - student"):
+        assert _status(out, "selftest", name) == "PASS"
+    assert "advantages exactly 0" in out
+
+
+def test_nothing_to_check_is_an_error(capsys):
+    assert main([]) == 2
+
+
+def test_check_line_format():
+    line = Check("config", "x", "FAIL", "first\nsecond").line()
+    assert line == "FAIL  [config] x: first\n      second"
+
+
+def test_script_subprocess_with_plugin_check(tiny, tmp_path):
+    """The top-level script, as a user runs it, including the fresh-process plugin check."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "verify_opd_implementation.py"),
+            "--student",
+            str(tiny.student),
+            "--teacher",
+            str(tiny.teacher),
+            "--skip",
+            "config",
+            "--skip",
+            "tokenizers",  # both covered in-process above; keeps this run to the fresh-process plugin check
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    for name in ("entry point", "loads in a fresh process", "advantage estimator 'opd'", "trainer 'opd'"):
+        assert _status(out, "plugin", name) == "PASS", out
+    assert _status(out, "versions", "verl") == "PASS"
+    assert _status(out, "tokenizers", "skipped") == "SKIP"
+
+
+def test_doctor_subcommand_parser():
+    """``add_doctor_parser`` plugs the same options into a ``verl-opd`` subcommand."""
+    import argparse
+
+    from verl_opd.doctor import add_doctor_parser, run_doctor
+
+    parser = argparse.ArgumentParser(prog="verl-opd")
+    add_doctor_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["doctor", "--student", "s", "--teacher", "t", "--skip", "plugin", "a=1", "+b=2"])
+    assert args.func is run_doctor
+    assert (args.student, args.teacher, args.skip, args.overrides) == ("s", "t", ["plugin"], ["a=1", "+b=2"])
+    assert args.config_name == "opd_trainer" and args.selftest is False

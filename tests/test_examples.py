@@ -1,0 +1,177 @@
+"""The example recipes compose into OPD configs that verl-opd and verl accept (no GPU, no training).
+
+Each GPU script is a single ``python3 -m verl.trainer.main_ppo ... "$@"`` command. The test
+reads that command from the script (backslash continuations joined, ``${VAR:-default}``
+expanded, shlex-split), composes its overrides with Hydra's compose API, checks the OPD keys,
+then runs verl-opd's driver hook and verl's ``validate_config`` on it.
+
+Model paths: the scripts take them from ``STUDENT_MODEL`` / ``TEACHER_MODEL``. The test sets
+those to the tiny student and teacher (one shared tokenizer), so the driver hook runs in full,
+tokenizer check included, exactly as it would on the GPU machine; only the Qwen3 weights and
+data files are absent (the hook does not read data).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+GPU_SCRIPTS = ["run_qwen3-8b_opd.sh", "run_qwen3-32b_to_8b_opd.sh"]
+MAIN_PPO = ("-m", "verl.trainer.main_ppo")
+
+# verl warns about optional engines it cannot import, and about the disabled critic.
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+_VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)")
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """Expand ``${VAR:-default}``, ``${VAR}`` and ``$VAR`` like bash would (defaults expanded too)."""
+
+    def one(match: re.Match) -> str:
+        name = match.group(1) or match.group(3)
+        if env.get(name):
+            return env[name]
+        default = match.group(2)
+        return expand(default, env) if default is not None else ""
+
+    return _VAR.sub(one, text)
+
+
+def main_ppo_args(script: Path, env: dict[str, str]) -> tuple[str, list[str]]:
+    """``(config_name, overrides)`` of the script's ``main_ppo`` command (``"$@"`` dropped)."""
+    joined = re.sub(r"\\\n", " ", script.read_text())
+    commands = [
+        line for line in joined.splitlines() if " ".join(MAIN_PPO) in line and not line.lstrip().startswith("#")
+    ]
+    assert len(commands) == 1, f"{script.name}: expected one main_ppo command, found {len(commands)}"
+    words = shlex.split(expand(commands[0], env))
+    words = words[words.index(MAIN_PPO[1]) + 1 :]
+    assert words[-1] == "$@", f'{script.name}: the command must end with "$@" so overrides pass through'
+    words = words[:-1]
+    config_name = "ppo_trainer"
+    for word in list(words):
+        if word.startswith("--config-name"):
+            config_name = word.split("=", 1)[1]
+            words.remove(word)
+    return config_name, words
+
+
+def compose(config_name: str, overrides: list[str]):
+    from verl_opd.doctor import compose_opd_config
+
+    return compose_opd_config(overrides, config_name)
+
+
+@pytest.fixture(scope="module")
+def env(tiny) -> dict[str, str]:
+    return {"HOME": os.path.expanduser("~"), "STUDENT_MODEL": str(tiny.student), "TEACHER_MODEL": str(tiny.teacher)}
+
+
+@pytest.mark.parametrize("name", [*GPU_SCRIPTS, "run_tiny_opd_cpu.sh"])
+def test_script_is_valid_bash(name):
+    script = EXAMPLES / name
+    assert os.access(script, os.X_OK), f"{name} is not executable"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_expand_like_bash():
+    env = {"A": "x", "HOME": "/h"}
+    assert expand('p="${A:-d}" q=${B:-$HOME/d} r=$A s=${B}', env) == 'p="x" q=/h/d r=x s='
+
+
+@pytest.mark.parametrize("name", GPU_SCRIPTS)
+def test_gpu_script_composes_to_opd(name, env, tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # trainer.resume_mode=auto looks for checkpoints under the cwd
+    config_name, overrides = main_ppo_args(EXAMPLES / name, env)
+    assert config_name == "opd_trainer"
+    config = compose(config_name, overrides)
+
+    assert config.algorithm.adv_estimator == "opd"
+    assert config.opd.teacher.model_path == str(tiny.teacher)
+    assert config.actor_rollout_ref.model.path == str(tiny.student)
+    assert config.opd.discount == 0.0 and config.opd.kl_coef == 1.0 and config.opd.task_reward_coef == 0.0
+    arr = config.actor_rollout_ref
+    assert arr.rollout.name == "vllm"
+    assert arr.actor.strategy in ("fsdp", "fsdp2") and arr.ref.strategy in ("fsdp", "fsdp2")
+    assert arr.actor.use_kl_loss is False
+    assert (arr.rollout.temperature, arr.rollout.top_p, arr.rollout.top_k) == (1.0, 1.0, -1)
+    # Thinking Machines' shape: 64 prompts x 4 samples, one on-policy update per step.
+    assert config.data.train_batch_size == 64 and arr.rollout.n == 4 and arr.actor.ppo_mini_batch_size == 64
+    assert arr.actor.optim.lr == pytest.approx(1e-6) and arr.actor.optim.weight_decay == 0.0
+    if "32b" in name:
+        assert config.opd.teacher.offload is True and config.opd.teacher.dtype == "bfloat16"
+        assert arr.ref.fsdp_config.model_dtype == "bf16"
+    else:
+        assert config.opd.teacher.offload is False and config.opd.teacher.dtype == "float32"
+
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    from verl_opd.driver import configure
+
+    configure(config)  # teacher path, tokenizer check, refusals; sets the OPD keys
+    assert config.trainer.v1.trainer_mode == "opd"
+    assert config.algorithm.use_kl_in_reward is True and config.algorithm.kl_ctrl.kl_coef == 1.0
+    assert OmegaConf.to_container(arr.actor.fsdp_config.mixed_precision)["param_dtype"] == "fp32"
+    expected_teacher_precision = "bf16" if "32b" in name else "fp32"
+    assert arr.ref.fsdp_config.mixed_precision.param_dtype == expected_teacher_precision
+    assert config.actor_rollout_ref.opd.teacher.model_path == str(tiny.teacher)
+    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    assert need_reference_policy(config) and not need_critic(config)
+
+
+def test_gpu_script_env_overrides(env):
+    _, overrides = main_ppo_args(
+        EXAMPLES / "run_qwen3-32b_to_8b_opd.sh", {**env, "TEACHER_OFFLOAD": "False", "GPUS_PER_NODE": "4"}
+    )
+    assert "opd.teacher.offload=False" in overrides and "trainer.n_gpus_per_node=4" in overrides
+
+
+def test_cpu_script_steps_env(env):
+    config_name, overrides = main_ppo_args(EXAMPLES / "run_tiny_opd_cpu.sh", {**env, "OPD_STEPS": "7"})
+    assert config_name == "ppo_trainer"
+    assert "trainer.total_training_steps=7" in overrides
+    assert "trainer.device=cpu" in overrides and "algorithm.adv_estimator=opd" in overrides
+    _, default = main_ppo_args(EXAMPLES / "run_tiny_opd_cpu.sh", env)
+    assert "trainer.total_training_steps=3" in default
+    assert any(o.startswith("+opd.teacher.model_path=") for o in default)
+
+
+def test_opd_example_dry_run(tiny, tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "opd_example.py"),
+            "--dry-run",
+            "--cpu",
+            "--student",
+            str(tiny.student),
+            "--teacher",
+            str(tiny.teacher),
+            "--data-dir",
+            str(tiny.data),
+            "trainer.resume_mode=disable",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "adv_estimator: opd" in out
+    assert f"model_path: {tiny.teacher}" in out
+    assert "trainer_mode: opd" in out  # set by verl-opd's driver hook
+    assert "name: hf" in out  # the CPU rollout, set by trainer.device=cpu
+    assert "not launched" in out
