@@ -16,7 +16,7 @@ from verl.utils.reward_score import gsm8k
 from verl_opd.cli import main
 from verl_opd.tiny.model import build_model, count_parameters
 from verl_opd.tiny.task import build_dataset, make_problem, prompt_text, solution_text
-from verl_opd.tiny.tokenizer import build_tokenizer
+from verl_opd.tiny.tokenizer import build_tokenizer, copy_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,16 @@ def test_model_loads_offline_and_is_deterministic(tmp_path: Path, tok_dir: Path,
     assert count_parameters(bigger) > count_parameters(model) > 50_000
 
 
+def test_model_from_tokenizer_dir_copies_files_byte_for_byte(tmp_path: Path, tok_dir: Path) -> None:
+    # a load/save round trip would rewrite tokenizer_config.json; teacher and student must share exact bytes
+    first = build_model(tmp_path / "first", tok_dir, hidden_size=32)
+    second = build_model(tmp_path / "second", first, hidden_size=48, seed=1)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (second / name).read_bytes() == (first / name).read_bytes() == (tok_dir / name).read_bytes()
+    with pytest.raises(FileNotFoundError):
+        copy_tokenizer(tmp_path, tmp_path / "nowhere")
+
+
 def test_problem_and_solution_graded_by_verl_gsm8k() -> None:
     question, answer = make_problem(random.Random(0))
     a, b = (int(x) for x in question.removeprefix("What is ").removesuffix("?").split(" + "))
@@ -125,7 +135,7 @@ def test_cli_in_process(tmp_path: Path, tok_dir: Path, capsys: pytest.CaptureFix
     assert main(args) == 0
     assert "parameters" in capsys.readouterr().out
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "m").config.hidden_size == 32
-    assert AutoTokenizer.from_pretrained(tmp_path / "m").eos_token == "<|im_end|>"
+    assert (tmp_path / "m" / "tokenizer_config.json").read_bytes() == (tok_dir / "tokenizer_config.json").read_bytes()
 
 
 def test_cli_subprocess(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from verl.utils.reward_score import gsm8k
 
+from verl_opd.tiny import demo_models
 from verl_opd.tiny.evaluate import evaluate_accuracy, score_completions
 from verl_opd.tiny.model import build_model
 from verl_opd.tiny.sft import (
@@ -103,3 +104,24 @@ def test_evaluate_accuracy_matches_manual_check(tmp_path: Path, trained: tuple[P
 
     sampled = sample_completions(path, prompts[:2], temperature=1.0, max_new_tokens=8)
     assert len(sampled) == 2 and all(isinstance(s, str) for s in sampled)
+
+
+def test_build_demo_models_shares_tokenizer_and_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny = {"hidden_size": 32, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2, "steps": 3, "lr": 1e-3}
+    settings = {**demo_models.DEMO_SETTINGS, "digits": 1, "n_train": 20, "n_test": 10}
+    settings.update(teacher=tiny, student=tiny, teacher_min_accuracy=0.0)
+    monkeypatch.setattr(demo_models, "DEMO_SETTINGS", settings)
+    built = demo_models.build_demo_models(tmp_path)
+    assert not built["cached"] and 0.0 <= built["student_accuracy"] <= 1.0
+    for role in ("teacher", "student"):
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            assert (Path(built[role]) / name).read_bytes() == (Path(built["tokenizer"]) / name).read_bytes()
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("cached models must not be retrained")
+
+    monkeypatch.setattr(demo_models, "sft_train", no_training)
+    again = demo_models.build_demo_models(tmp_path)
+    assert again["cached"] and again["teacher"] == built["teacher"]
+    with pytest.raises(AssertionError, match="retrained"):
+        demo_models.build_demo_models(tmp_path, seed=1)  # other settings: rebuild

@@ -1,0 +1,43 @@
+"""The plugin reaches every verl process on its own, and its failure cannot go unnoticed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+FIND_OPD = (
+    "import verl\n"
+    "from verl.trainer.ppo.core_algos import get_adv_estimator_fn\n"
+    "print(get_adv_estimator_fn('opd').__module__)\n"
+)
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, check=False)
+
+
+def test_fresh_process_finds_opd_without_importing_verl_opd():
+    proc = _python(FIND_OPD)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "verl_opd.estimator"
+
+
+def test_broken_plugin_is_loud_and_opd_stays_unavailable():
+    # Make one of the plugin's own modules unimportable, as a broken install would.
+    code = "import sys\nsys.modules['verl_opd.cpu'] = None\n" + FIND_OPD
+    proc = _python(code)
+    assert proc.returncode != 0
+    assert "verl-opd: FAILED to load its verl plugin" in proc.stderr
+    assert "opd" in proc.stderr.splitlines()[-1]  # verl refuses the unknown estimator
+
+
+def test_trainer_is_registered_when_verl_imports_its_trainer_package():
+    proc = _python(
+        "import verl\n"
+        "import sys\n"
+        "assert 'verl_opd.trainer' not in sys.modules  # deferred: verl's trainer package is heavy\n"
+        "from verl.trainer.ppo.v1 import get_trainer_cls\n"
+        "print(get_trainer_cls('opd').__name__)\n"
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "OPDTrainer"
