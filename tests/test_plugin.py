@@ -41,3 +41,18 @@ def test_trainer_is_registered_when_verl_imports_its_trainer_package():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "OPDTrainer"
+
+
+def test_config_hook_wraps_verls_entry_points_once():
+    proc = _python(
+        "import verl, verl.utils.device as device\n"
+        "import verl.trainer.main_ppo as main_ppo\n"
+        "from verl_opd import driver\n"
+        "hook = device.auto_set_device\n"
+        "driver.install(); driver.install()\n"
+        "assert device.auto_set_device is hook and main_ppo.auto_set_device is hook\n"
+        "assert hook._verl_opd_patched and hook.__wrapped__.__module__ == 'verl.utils.device'\n"
+        "print('ok')\n"
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "ok"

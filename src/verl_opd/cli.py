@@ -23,14 +23,13 @@ def _tiny_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from verl_opd.tiny.model import build_model, count_parameters
 
-    tok = AutoTokenizer.from_pretrained(args.tokenizer)
     path = build_model(
         args.out,
-        tok,
+        args.tokenizer,
         hidden_size=args.hidden_size,
         num_layers=args.num_layers,
         num_heads=args.num_heads,

@@ -2,8 +2,9 @@
 
 Every verl entry point (``main_ppo`` and friends) calls
 ``verl.utils.device.auto_set_device(config)`` first, right after Hydra composed the
-config and before ``validate_config``. :func:`install` wraps that function so the
-switches verl-opd adds take effect there:
+config and before ``validate_config``. :func:`install` hooks :func:`configure` in
+there (the wrapper itself lives in :mod:`verl_opd.patches`), so the switches
+verl-opd adds take effect:
 
 * ``trainer.device=cpu``: :func:`verl_opd.cpu.settings.apply_cpu_settings`.
 * ``algorithm.adv_estimator=opd``: :func:`verl_opd.opd_config.apply_opd_settings`.
@@ -11,12 +12,9 @@ switches verl-opd adds take effect there:
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-
-_MARKER = "_verl_opd_configure"
 
 
 def configure(config: Any) -> None:
@@ -35,17 +33,7 @@ def configure(config: Any) -> None:
 
 
 def install() -> None:
-    """Wrap ``verl.utils.device.auto_set_device`` with :func:`configure` (idempotent)."""
-    import verl.utils.device as device
+    """Hook :func:`configure` into verl's entry points (see :mod:`verl_opd.patches`)."""
+    from verl_opd.patches import install_config_hook
 
-    original = device.auto_set_device
-    if getattr(original, _MARKER, False):
-        return
-
-    @functools.wraps(original)
-    def auto_set_device(config: Any) -> None:
-        configure(config)
-        original(config)
-
-    setattr(auto_set_device, _MARKER, True)
-    device.auto_set_device = auto_set_device
+    install_config_hook(configure)

@@ -94,7 +94,7 @@ def activate_cpu_platform() -> None:
     from verl.plugin.platform import get_platform, set_platform
 
     from verl_opd.cpu.platform import PlatformCPU
-    from verl_opd.cpu.process_group import install_backend_dedup
+    from verl_opd.patches import install_backend_dedup
 
     os.environ.update(CPU_ENV)
     if get_platform().device_name != "cpu":

@@ -27,9 +27,11 @@ DEMO_SETTINGS: dict[str, Any] = {
     "digits": 2,
     "n_train": 512,
     "n_test": 128,
-    "teacher": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "steps": 500, "lr": 3e-3},
+    "teacher": {"hidden_size": 96, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "steps": 500, "lr": 3e-3},
     "student": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "steps": 225, "lr": 3e-3},
     "batch_size": 64,
+    "teacher_min_accuracy": 0.9,
+    "teacher_extra_rounds": 2,
 }
 RESULT_FILE = "demo_models.json"
 
@@ -45,11 +47,34 @@ def _sft_examples(test_parquet: Path, digits: int, seed: int) -> list[SFTExample
     return examples
 
 
+def _train_role(out: Path, role: str, settings: dict[str, Any], examples: list[SFTExample], test: Path) -> float:
+    """SFT one model of the demo from a seeded random init into ``out / role``; returns its greedy accuracy.
+
+    The teacher must clear ``teacher_min_accuracy``: small transformers learn the carry abruptly after a
+    seed-dependent plateau, so if it has not yet, it gets up to ``teacher_extra_rounds`` more rounds of
+    half the steps at a third of the learning rate instead of the demo failing later.
+    """
+    cfg, seed = settings[role], settings["seed"]
+    arch = {k: cfg[k] for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads")}
+    model_dir = build_model(out / f"{role}_init", out / "tokenizer", seed=seed, **arch)
+    steps, lr = cfg["steps"], cfg["lr"]
+    for attempt in range(1 + (settings["teacher_extra_rounds"] if role == "teacher" else 0)):
+        model_dir = sft_train(
+            model_dir, out / role, examples, steps=steps, lr=lr, batch_size=settings["batch_size"], seed=seed + attempt
+        ).path
+        accuracy = evaluate_accuracy(model_dir, test)
+        print(f"[demo-models] {role}: greedy held-out accuracy {accuracy:.1%}", flush=True)
+        if role != "teacher" or accuracy >= settings["teacher_min_accuracy"]:
+            break
+        steps, lr = max(1, cfg["steps"] // 2), cfg["lr"] / 3
+    return accuracy
+
+
 def build_demo_models(out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
     """Build (or reuse) tokenizer, data, teacher and student under ``out_dir``; return paths and accuracies.
 
     The returned dict has ``tokenizer``, ``train``, ``test``, ``teacher``, ``student`` (paths as strings),
-    ``teacher_accuracy`` and ``student_accuracy`` (greedy, on all of ``test``), the build ``seconds`` of
+    ``teacher_accuracy`` and ``student_accuracy`` (greedy, on all of ``test``), the wall ``seconds`` of
     each part, the ``settings`` used and ``cached`` (whether everything was reused).
     """
     out = Path(out_dir)
@@ -61,7 +86,7 @@ def build_demo_models(out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
             return {**stored, "cached": True}
 
     start = time.perf_counter()
-    tokenizer = build_tokenizer(out / "tokenizer", vocab_size=settings["vocab_size"], seed=seed)
+    build_tokenizer(out / "tokenizer", vocab_size=settings["vocab_size"], seed=seed)
     train, test = build_dataset(
         out / "data", n_train=settings["n_train"], n_test=settings["n_test"], seed=seed, digits=settings["digits"]
     )
@@ -69,24 +94,10 @@ def build_demo_models(out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
     result: dict[str, Any] = {"tokenizer": str(out / "tokenizer"), "train": str(train), "test": str(test)}
     seconds = {"setup": time.perf_counter() - start}
     for role in ("teacher", "student"):
-        cfg = settings[role]
-        init = build_model(
-            out / f"{role}_init",
-            tokenizer,
-            hidden_size=cfg["hidden_size"],
-            num_layers=cfg["num_layers"],
-            num_heads=cfg["num_heads"],
-            num_kv_heads=cfg["num_kv_heads"],
-            seed=seed,
-        )
-        trained = sft_train(
-            init, out / role, examples, steps=cfg["steps"], lr=cfg["lr"], batch_size=settings["batch_size"], seed=seed
-        )
-        eval_start = time.perf_counter()
-        result[role] = str(trained.path)
-        result[f"{role}_accuracy"] = evaluate_accuracy(trained.path, test)
-        seconds[role] = trained.seconds + time.perf_counter() - eval_start
-        print(f"[demo-models] {role}: greedy accuracy {result[f'{role}_accuracy']:.1%} ({seconds[role]:.0f}s)")
+        start = time.perf_counter()
+        result[f"{role}_accuracy"] = _train_role(out, role, settings, examples, test)
+        result[role] = str(out / role)
+        seconds[role] = time.perf_counter() - start
     result.update(seconds=seconds, settings=settings)
     result_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return {**result, "cached": False}

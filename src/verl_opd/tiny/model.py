@@ -10,12 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
+
+from verl_opd.tiny.tokenizer import copy_tokenizer
 
 
 def build_model(
     out_dir: str | Path,
-    tokenizer: PreTrainedTokenizerBase,
+    tokenizer: PreTrainedTokenizerBase | str | Path,
     hidden_size: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,
@@ -30,8 +32,12 @@ def build_model(
     ``intermediate_size`` defaults to ``2 * hidden_size`` (hidden 64, 2 layers, vocab 512: about 107k
     parameters). A larger ``initializer_range`` gives a random model with sharper, more opinionated
     next-token distributions: a teacher that differs clearly from a near-uniform random student. Like Qwen,
-    the bos id is ``<|endoftext|>`` (the pad token) since the tokenizer has no bos.
+    the bos id is ``<|endoftext|>`` (the pad token) since the tokenizer has no bos. ``tokenizer`` may be a
+    directory: its files are then copied byte for byte (see :func:`verl_opd.tiny.tokenizer.copy_tokenizer`).
     """
+    tokenizer_dir = None if isinstance(tokenizer, PreTrainedTokenizerBase) else Path(tokenizer)
+    if tokenizer_dir is not None:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -51,7 +57,10 @@ def build_model(
     model = Qwen2ForCausalLM(config)
     out = Path(out_dir)
     model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
+    if tokenizer_dir is None:
+        tokenizer.save_pretrained(str(out))
+    else:
+        copy_tokenizer(tokenizer_dir, out)
     return out
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from verl_opd.tiny.tokenizer import copy_tokenizer
+
 Messages = list[dict[str, str]]
 # A chat prompt (user messages) and the assistant completion to learn (without the eos token).
 SFTExample = tuple[Messages, str]
@@ -82,7 +84,7 @@ def sft_train(
     weight_decay: float = 0.0,
     log_every: int = 100,
 ) -> SFTResult:
-    """Fine-tune the model in ``model_dir`` on ``train_examples`` and save it (with its tokenizer) to ``out_dir``.
+    """Fine-tune the model in ``model_dir`` on ``train_examples``; save it and its tokenizer files to ``out_dir``.
 
     AdamW with linear warmup then cosine decay to 10% of ``lr``; batches are drawn uniformly with a seeded
     generator, so a run is reproducible on a given machine.
@@ -122,7 +124,7 @@ def sft_train(
             )
     out = Path(out_dir)
     model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
+    copy_tokenizer(model_dir, out)
     return SFTResult(path=out, losses=losses, seconds=time.perf_counter() - start)
 
 

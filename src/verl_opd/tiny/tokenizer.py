@@ -16,6 +16,7 @@ is loaded from its own directory or from a model directory.
 from __future__ import annotations
 
 import random
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,8 @@ PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = [PAD_TOKEN, IM_START, IM_END]
+# What ``save_pretrained`` writes for this tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 # Qwen-style ChatML; no default system message so prompts stay short for tiny models.
 CHAT_TEMPLATE = (
@@ -108,3 +111,21 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0) -
     hf_tok.chat_template = CHAT_TEMPLATE
     hf_tok.save_pretrained(str(out_dir))
     return hf_tok
+
+
+def copy_tokenizer(src_dir: str | Path, dst_dir: str | Path) -> None:
+    """Copy the tokenizer files of ``src_dir`` into ``dst_dir`` byte for byte.
+
+    A load/``save_pretrained`` round trip rewrites them (a qwen2 model dir loads as ``Qwen2Tokenizer``, which
+    saves different BPE defaults and loader fields), so copying is the only way to keep every model built
+    from one tokenizer byte-identical.
+    """
+    src, dst = Path(src_dir), Path(dst_dir)
+    if not (src / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {src}")
+    if dst.exists() and dst.samefile(src):
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)

@@ -1,0 +1,549 @@
+"""Benchmark: on-policy distillation against RL and off-policy distillation, from the same student.
+
+All methods start from the demo's weak SFT student (:func:`verl_opd.tiny.demo_models.build_demo_models`)
+and chase the demo's SFT teacher on the tiny addition task. Equal-cost rule: every method samples the same
+number of responses per step, ``--prompts`` (P), each at most ``--response-length`` tokens, so the sampled
+tokens per step match up to the responses' actual lengths (logged per run as ``response_tokens_mean``).
+
+* ``opd``: this project, ``algorithm.adv_estimator=opd`` (teacher in verl's ref slot), P prompts x n=1.
+* ``grpo``: verl's GRPO on the task reward (verl's gsm8k score), P/4 prompts x ``rollout.n=4``.
+* ``verl_distill``: verl 0.9.1's built-in distillation, ``loss_mode=k1`` with ``use_policy_gradient``, no
+  task reward; the teacher is served by verl-opd's ``hf`` rollout backend on one extra logical GPU
+  (``distillation.n_gpus_per_node=1``, ``++ray_kwargs.ray_init.num_gpus=2``). P prompts x n=1.
+* ``sft``: off-policy distillation, the student fine-tuned on the teacher's own samples (temperature 1):
+  P teacher completions per step (``verl_opd.tiny.sft.sample_completions``), one AdamW step on them with
+  verl_opd.tiny.sft's completion loss. Runs in plain torch, outside verl.
+
+``opd``, ``grpo`` and ``verl_distill`` are the real ``python -m verl.trainer.main_ppo trainer.device=cpu``;
+their accuracy is verl's greedy validation on the held-out set (step 0 and every ``--test-freq`` steps).
+``sft`` is graded by :func:`verl_opd.tiny.evaluate.evaluate_accuracy` (greedy, the same grader and set).
+
+Per run: steps and training wall time to reach 90% of the teacher's accuracy, final accuracy, median step
+time (verl's ``timing_s/step`` over steps >= 2; verl's replay buffer polls every 2 s, which floors a tiny
+step) and peak RSS of the whole process tree. Writes ``benchmarks/results/opd_vs_rl.{json,md,png}``.
+Not a test.
+
+    python benchmarks/opd_vs_rl.py [--seeds 0 1 2] [--steps 30] [--methods opd grpo sft verl_distill]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from verl_opd.console_metrics import parse_step_metrics
+
+RESULTS = Path(__file__).parent / "results"
+METHODS = ("opd", "grpo", "sft", "verl_distill")
+TARGET_FRACTION = 0.9
+GRPO_N = 4
+RUN_TIMEOUT_S = 1800
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def _tree_rss(root: psutil.Process) -> int:
+    total = 0
+    try:
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
+def run_measured(command: list[str], cwd: Path, log_path: Path) -> tuple[int, str, float, float]:
+    """Run ``command`` (output to ``log_path``); (exit code, output, wall seconds, peak tree RSS in GiB)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
+    start = time.monotonic()
+    peak = 0
+    done = threading.Event()
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(command) + "\n")
+        log.flush()
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        watched = psutil.Process(proc.pid)
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, _tree_rss(watched))
+                time.sleep(0.5)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            proc.wait(timeout=RUN_TIMEOUT_S)
+        except BaseException as error:  # a timeout, or Ctrl-C: stop the whole tree this run started
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            if not isinstance(error, subprocess.TimeoutExpired):
+                raise
+        finally:
+            done.set()
+            sampler.join()
+    return proc.returncode, log_path.read_text(errors="replace"), time.monotonic() - start, peak / 2**30
+
+
+# ---------------------------------------------------------------------------------------------- verl runs
+def verl_args(method: str, models: dict[str, Any], opts: argparse.Namespace, seed: int, out: Path) -> list[str]:
+    """Overrides of ``main_ppo`` for one verl-based method; equal sampled responses per step (P)."""
+    prompts, n = (opts.prompts // GRPO_N, GRPO_N) if method == "grpo" else (opts.prompts, 1)
+    samples = prompts * n
+    args = [
+        "trainer.device=cpu",
+        f"actor_rollout_ref.model.path={models['student']}",
+        f"data.train_files={models['train']}",
+        f"data.val_files={models['test']}",
+        f"data.train_batch_size={prompts}",
+        "data.max_prompt_length=64",
+        f"data.max_response_length={opts.response_length}",
+        f"data.seed={seed}",
+        f"actor_rollout_ref.rollout.n={n}",
+        f"actor_rollout_ref.rollout.seed={seed}",
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={prompts}",
+        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={samples}",
+        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={samples}",
+        f"actor_rollout_ref.actor.optim.lr={opts.lr}",
+        "actor_rollout_ref.actor.optim.weight_decay=0",
+        "actor_rollout_ref.actor.use_kl_loss=False",
+        "trainer.n_gpus_per_node=1",
+        "trainer.nnodes=1",
+        f"trainer.total_training_steps={opts.steps}",
+        "trainer.logger=console",
+        "trainer.val_before_train=True",
+        f"trainer.test_freq={opts.test_freq}",
+        "trainer.save_freq=-1",
+        f"trainer.default_local_dir={out / 'checkpoints'}",
+        "trainer.project_name=verl-opd-bench",
+        f"trainer.experiment_name={method}-seed{seed}",
+    ]
+    if method == "opd":
+        args += ["algorithm.adv_estimator=opd", f"+opd.teacher.model_path={models['teacher']}"]
+    elif method == "grpo":
+        args += ["algorithm.adv_estimator=grpo"]
+    elif method == "verl_distill":
+        args += [
+            # task reward off: the GRPO advantage is computed but its policy loss is zeroed by verl
+            "algorithm.adv_estimator=grpo",
+            "distillation.enabled=True",
+            "distillation.n_gpus_per_node=1",
+            "distillation.nnodes=1",
+            f"distillation.teacher_models.teacher_model.model_path={models['teacher']}",
+            "distillation.teacher_models.teacher_model.inference.tensor_model_parallel_size=1",
+            "distillation.distillation_loss.loss_mode=k1",
+            "distillation.distillation_loss.use_policy_gradient=True",
+            "distillation.distillation_loss.use_task_rewards=False",
+            # one logical GPU for the student (actor + rollout), one for the teacher pool
+            "++ray_kwargs.ray_init.num_gpus=2",
+        ]
+    else:
+        raise ValueError(method)
+    return args
+
+
+def val_accuracy(metrics: dict[str, float]) -> float | None:
+    keys = sorted(k for k in metrics if k.startswith("val-core/") and "/mean@" in k)
+    return metrics[keys[0]] if keys else None
+
+
+def run_verl(method: str, models: dict[str, Any], opts: argparse.Namespace, seed: int, out: Path) -> dict[str, Any]:
+    command = [sys.executable, "-m", "verl.trainer.main_ppo", *verl_args(method, models, opts, seed, out)]
+    code, output, wall, peak = run_measured(command, out, out / "run.log")
+    steps = parse_step_metrics(output)
+    if code != 0 or not any(s > 0 for s in steps):
+        tail = "\n".join(output.splitlines()[-25:])
+        return {"error": f"main_ppo exit code {code}, {len(steps)} step lines; log {out / 'run.log'}\n{tail}"}
+    accuracy = {s: val_accuracy(m) for s, m in sorted(steps.items()) if val_accuracy(m) is not None}
+    train_steps = sorted(s for s in steps if s > 0)
+    step_time = {s: steps[s].get("timing_s/step", float("nan")) for s in train_steps}
+    kl_key = {"opd": "opd/reverse_kl", "verl_distill": "distillation/loss"}.get(method)
+    extra = {}
+    if kl_key:
+        extra["reverse_kl"] = {s: steps[s][kl_key] for s in train_steps if kl_key in steps[s]}
+    tokens = [steps[s]["response_length/mean"] for s in train_steps if "response_length/mean" in steps[s]]
+    return {
+        "accuracy": accuracy,
+        "step_time": step_time,
+        "response_tokens_mean": statistics.mean(tokens) if tokens else None,
+        "wall_s": wall,
+        "peak_rss_gib": peak,
+        **extra,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- sft run
+def sft_worker(argv: list[str]) -> None:
+    """Off-policy distillation in this process (run as a subprocess so its memory is measured alike)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--teacher")
+    parser.add_argument("--student")
+    parser.add_argument("--train")
+    parser.add_argument("--test")
+    parser.add_argument("--out")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--prompts", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--test-freq", type=int)
+    parser.add_argument("--response-length", type=int)
+    parser.add_argument("--seed", type=int)
+    a = parser.parse_args(argv)
+
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from verl_opd.tiny.evaluate import evaluate_accuracy
+    from verl_opd.tiny.sft import collate, completion_loss, encode_example, sample_completions
+    from verl_opd.tiny.task import load_split
+    from verl_opd.tiny.tokenizer import copy_tokenizer
+
+    out = Path(a.out)
+    torch.manual_seed(a.seed)
+    prompts, _ = load_split(a.train)
+    rng = random.Random(a.seed)
+    order: list[int] = []
+    while len(order) < a.steps * a.prompts:  # epochs of shuffled training prompts, like verl's dataloader
+        epoch = list(range(len(prompts)))
+        rng.shuffle(epoch)
+        order += epoch
+    step_prompts = [prompts[i] for i in order[: a.steps * a.prompts]]
+
+    # The teacher is fixed, so its samples do not depend on the student: draw every step's P samples in one
+    # call (loading the teacher once) and charge that time evenly to the steps.
+    sample_start = time.perf_counter()
+    completions = sample_completions(
+        a.teacher, step_prompts, temperature=1.0, max_new_tokens=a.response_length, batch_size=256, seed=a.seed
+    )
+    sample_s = time.perf_counter() - sample_start
+
+    tokenizer = AutoTokenizer.from_pretrained(a.student)
+    model = AutoModelForCausalLM.from_pretrained(a.student, dtype=torch.float32)
+    # verl's actor defaults: AdamW, constant lr, grad-norm clip 1.0 (weight decay 0 as in the verl runs)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
+    snapshot = out / "student"
+
+    def evaluate() -> float:
+        model.save_pretrained(str(snapshot))
+        copy_tokenizer(a.student, snapshot)
+        return evaluate_accuracy(snapshot, a.test, max_new_tokens=a.response_length)
+
+    accuracy = {0: evaluate()}
+    step_time: dict[int, float] = {}
+    tokens = []
+    for step in range(1, a.steps + 1):
+        begin = time.perf_counter()
+        model.train()
+        chunk = slice((step - 1) * a.prompts, step * a.prompts)
+        examples = list(zip(step_prompts[chunk], completions[chunk], strict=True))
+        encoded = [encode_example(tokenizer, ex) for ex in examples]
+        tokens.append(statistics.mean(sum(mask) for _, mask in encoded))
+        loss = completion_loss(model, collate(encoded, tokenizer.pad_token_id))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step_time[step] = time.perf_counter() - begin + sample_s / a.steps
+        if step % a.test_freq == 0 or step == a.steps:
+            accuracy[step] = evaluate()
+            print(f"step {step} loss {loss.item():.4f} accuracy {accuracy[step]:.3f}", flush=True)
+    (out / "sft_result.json").write_text(
+        json.dumps(
+            {
+                "accuracy": accuracy,
+                "step_time": step_time,
+                "response_tokens_mean": statistics.mean(tokens),
+                "teacher_sampling_s": sample_s,
+            }
+        )
+    )
+
+
+def run_sft(models: dict[str, Any], opts: argparse.Namespace, seed: int, out: Path) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        __file__,
+        "--sft-worker",
+        *("--teacher", models["teacher"], "--student", models["student"]),
+        *("--train", models["train"], "--test", models["test"], "--out", str(out)),
+        *("--steps", str(opts.steps), "--prompts", str(opts.prompts), "--lr", str(opts.sft_lr)),
+        *("--test-freq", str(opts.test_freq), "--response-length", str(opts.response_length)),
+        *("--seed", str(seed)),
+    ]
+    code, output, wall, peak = run_measured(command, out, out / "run.log")
+    result_file = out / "sft_result.json"
+    if code != 0 or not result_file.exists():
+        tail = "\n".join(output.splitlines()[-25:])
+        return {"error": f"sft worker exit code {code}; log {out / 'run.log'}\n{tail}"}
+    result = json.loads(result_file.read_text())
+    for key in ("accuracy", "step_time"):
+        result[key] = {int(s): v for s, v in result[key].items()}
+    return {**result, "wall_s": wall, "peak_rss_gib": peak}
+
+
+# ---------------------------------------------------------------------------------------------- summary
+def finish_run(raw: dict[str, Any], teacher_accuracy: float, seed: int) -> dict[str, Any]:
+    """Per-seed numbers from a run's accuracy curve and step times."""
+    if "error" in raw:
+        return {"seed": seed, "error": raw["error"]}
+    target = TARGET_FRACTION * teacher_accuracy
+    accuracy = {int(s): v for s, v in raw["accuracy"].items()}
+    step_time = {int(s): v for s, v in raw["step_time"].items()}
+    reached = next((s for s in sorted(accuracy) if accuracy[s] >= target), None)
+    later = [t for s, t in sorted(step_time.items()) if s >= 2] or list(step_time.values())
+    result = {
+        "seed": seed,
+        "steps_to_90pct_teacher": reached,
+        "train_wall_s_to_90pct_teacher": round(sum(t for s, t in step_time.items() if s <= reached), 1)
+        if reached is not None
+        else None,
+        "final_accuracy": accuracy[max(accuracy)],
+        "final_step": max(accuracy),
+        "start_accuracy": accuracy.get(0),
+        "step_time_s": round(statistics.median(later), 3),
+        "peak_rss_gib": round(raw["peak_rss_gib"], 2),
+        "wall_s": round(raw["wall_s"], 1),
+        "response_tokens_mean": round(raw["response_tokens_mean"], 2) if raw.get("response_tokens_mean") else None,
+        "accuracy_curve": {str(s): round(v, 4) for s, v in sorted(accuracy.items())},
+    }
+    if "reverse_kl" in raw:
+        result["reverse_kl_curve"] = {str(s): round(v, 5) for s, v in sorted(raw["reverse_kl"].items())}
+    return result
+
+
+def summarize_method(seeds: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in seeds if "error" not in r]
+    if not ok:
+        return {
+            "steps_to_90pct_teacher": None,
+            "final_accuracy": None,
+            "step_time_s": None,
+            "seeds": seeds,
+            "error": seeds[0]["error"].splitlines()[0] if seeds else "not run",
+        }
+    # A seed that never reached the target counts as infinitely slow: the median is then null if most missed.
+    reach = sorted(r["steps_to_90pct_teacher"] if r["steps_to_90pct_teacher"] is not None else float("inf") for r in ok)
+    median_reach = statistics.median(reach)
+    walls = sorted(
+        r["train_wall_s_to_90pct_teacher"] if r["train_wall_s_to_90pct_teacher"] is not None else float("inf")
+        for r in ok
+    )
+    median_wall = statistics.median(walls)
+    return {
+        "steps_to_90pct_teacher": None if median_reach == float("inf") else median_reach,
+        "train_wall_s_to_90pct_teacher": None if median_wall == float("inf") else round(median_wall, 1),
+        "seeds_reaching_90pct_teacher": f"{sum(r['steps_to_90pct_teacher'] is not None for r in ok)}/{len(ok)}",
+        "final_accuracy": round(statistics.mean(r["final_accuracy"] for r in ok), 4),
+        "final_accuracy_min_max": [min(r["final_accuracy"] for r in ok), max(r["final_accuracy"] for r in ok)],
+        "step_time_s": round(statistics.median(r["step_time_s"] for r in ok), 3),
+        "peak_rss_gib": max(r["peak_rss_gib"] for r in ok),
+        "seeds": seeds,
+    }
+
+
+def _fmt(value: Any, spec: str = "") -> str:
+    if value is None:
+        return "never" if spec == "steps" else "n/a"
+    if spec == "steps":
+        return f"{value:g}"
+    return format(value, spec) if spec else str(value)
+
+
+def write_markdown(result: dict[str, Any], path: Path) -> str:
+    lines = [
+        f"# OPD vs RL vs off-policy distillation ({result['date']})",
+        "",
+        f"Machine: {result['machine']}. {result['setup']}",
+        "",
+        f"Teacher greedy accuracy {result['teacher_accuracy']:.3f}; target (90%) "
+        f"{TARGET_FRACTION * result['teacher_accuracy']:.3f}; student start {result['student_accuracy']:.3f}.",
+        "",
+        "| method | steps to 90% teacher (median) | seeds reaching | train wall s to 90% | final accuracy "
+        "(mean [min, max]) | step time s (median) | peak RSS GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in result["methods"].items():
+        if m.get("error"):
+            lines.append(f"| {name} | n/a | n/a | n/a | n/a | n/a | n/a |  <!-- {m['error']} -->")
+            continue
+        lo, hi = m["final_accuracy_min_max"]
+        lines.append(
+            f"| {name} | {_fmt(m['steps_to_90pct_teacher'], 'steps')} | {m['seeds_reaching_90pct_teacher']} | "
+            f"{_fmt(m['train_wall_s_to_90pct_teacher'])} | {m['final_accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | "
+            f"{m['step_time_s']} | {m['peak_rss_gib']} |"
+        )
+    errors = [f"- `{n}`: {m['error']}" for n, m in result["methods"].items() if m.get("error")]
+    if errors:
+        lines += ["", "Methods that did not run:", *errors]
+    lines += ["", "Targets:", *[f"- {t}" for t in result["targets"]], ""]
+    text = "\n".join(lines)
+    path.write_text(text)
+    return text
+
+
+def targets(methods: dict[str, Any]) -> list[str]:
+    def get(name: str, key: str) -> Any:
+        m = methods.get(name)
+        return None if m is None or m.get("error") else m.get(key)
+
+    out = []
+    opd_steps, grpo_steps = get("opd", "steps_to_90pct_teacher"), get("grpo", "steps_to_90pct_teacher")
+    if opd_steps is not None and grpo_steps is not None:
+        ratio = grpo_steps / max(opd_steps, 1)
+        out.append(
+            f"OPD reaches 90% of teacher in >= 5x fewer steps than GRPO: {ratio:.1f}x -> "
+            f"{'met' if ratio >= 5 else 'NOT met'}"
+        )
+    elif opd_steps is not None and "grpo" in methods:
+        out.append(
+            f"OPD reaches 90% of teacher in >= 5x fewer steps than GRPO: OPD {opd_steps:g} steps, GRPO never within "
+            "the run -> met only if GRPO needs >= 5x; not measured to the end"
+        )
+    else:
+        out.append("OPD reaches 90% of teacher in >= 5x fewer steps than GRPO: not measurable (OPD did not reach it)")
+    for other, bound in (("grpo", 1.3), ("verl_distill", 1.0)):
+        a, b = get("opd", "step_time_s"), get(other, "step_time_s")
+        if a is not None and b is not None:
+            out.append(
+                f"OPD step time <= {bound}x {other}'s: {a:.3f} s vs {b:.3f} s = {a / b:.2f}x -> "
+                f"{'met' if a <= bound * b else 'NOT met'}"
+            )
+        else:
+            out.append(f"OPD step time <= {bound}x {other}'s: not measured ({other} has no result)")
+    return out
+
+
+def write_plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, m in result["methods"].items():
+        runs = [r for r in m["seeds"] if "error" not in r]
+        if not runs:
+            continue
+        steps = sorted({int(s) for r in runs for s in r["accuracy_curve"]})
+        mean = [
+            statistics.mean(r["accuracy_curve"][str(s)] for r in runs if str(s) in r["accuracy_curve"]) for s in steps
+        ]
+        (line,) = ax.plot(steps, mean, marker="o", label=f"{name} (mean of {len(runs)} seeds)")
+        for r in runs:
+            xs = sorted(int(s) for s in r["accuracy_curve"])
+            ax.plot(xs, [r["accuracy_curve"][str(s)] for s in xs], color=line.get_color(), alpha=0.25, linewidth=1)
+    teacher = result["teacher_accuracy"]
+    ax.axhline(teacher, color="black", linestyle="--", label="teacher")
+    ax.axhline(TARGET_FRACTION * teacher, color="gray", linestyle=":", label="90% of teacher")
+    ax.set(xlabel="training step", ylabel="held-out greedy accuracy", ylim=(0, 1.02))
+    ax.set_title(f"Same student, same sampled responses per step ({result['settings']['prompts']})")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--sft-worker":
+        sft_worker(sys.argv[2:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--prompts", type=int, default=16, help="sampled responses per step (P); GRPO: P/4 x n=4")
+    parser.add_argument("--response-length", type=int, default=16)
+    parser.add_argument("--test-freq", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=2e-3, help="student lr of the verl methods")
+    parser.add_argument("--sft-lr", type=float, default=2e-3, help="student lr of the SFT baseline")
+    parser.add_argument("--workdir", default="/tmp/verl-opd-bench", help="models (cached), per-run logs")
+    parser.add_argument("--models-seed", type=int, default=0, help="seed of the demo teacher/student build")
+    parser.add_argument("--out", default=str(RESULTS), help="where opd_vs_rl.{json,md,png} go")
+    opts = parser.parse_args()
+    if opts.prompts % GRPO_N:
+        parser.error(f"--prompts must be a multiple of {GRPO_N} (GRPO samples P/{GRPO_N} prompts x {GRPO_N})")
+
+    from verl_opd.tiny.demo_models import build_demo_models
+
+    work = Path(opts.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    models = build_demo_models(work / "models", seed=opts.models_seed)
+    print(f"teacher accuracy {models['teacher_accuracy']:.3f}, student {models['student_accuracy']:.3f}", flush=True)
+    started = time.monotonic()
+    results_dir = Path(opts.out)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    methods: dict[str, Any] = {}
+    load = []
+    for method in opts.methods:
+        per_seed = []
+        for seed in opts.seeds:
+            out = work / "runs" / f"{method}_seed{seed}"
+            out.mkdir(parents=True, exist_ok=True)
+            t0 = time.monotonic()
+            print(f"[{time.monotonic() - started:6.0f}s] {method} seed {seed} ...", flush=True)
+            raw = run_sft(models, opts, seed, out) if method == "sft" else run_verl(method, models, opts, seed, out)
+            load.append(os.getloadavg()[0])
+            run = finish_run(raw, models["teacher_accuracy"], seed)
+            (out / "result.json").write_text(json.dumps(run, indent=2) + "\n")
+            per_seed.append(run)
+            if "error" in run:
+                print(f"    FAILED: {run['error']}", flush=True)
+            else:
+                print(
+                    f"    {time.monotonic() - t0:.0f}s: final accuracy {run['final_accuracy']:.3f}, "
+                    f"90% teacher at step {run['steps_to_90pct_teacher']}, step {run['step_time_s']}s, "
+                    f"peak {run['peak_rss_gib']} GiB, curve {run['accuracy_curve']}",
+                    flush=True,
+                )
+            if "error" in run and method == "verl_distill":
+                break  # a configuration failure repeats for every seed
+        methods[method] = summarize_method(per_seed)
+
+    result = {
+        "date": date.today().isoformat(),
+        "machine": (
+            f"{platform.machine()}, {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+            f"torch CPU; mean 1-min load average after runs {statistics.mean(load):.1f}"
+        ),
+        "setup": (
+            f"Demo SFT teacher/student (tiny Qwen2), addition task, {opts.prompts} sampled responses per step "
+            f"(GRPO {opts.prompts // GRPO_N} prompts x {GRPO_N}), responses <= {opts.response_length} tokens, "
+            f"{opts.steps} steps, accuracy every {opts.test_freq} steps, seeds {opts.seeds}, lr {opts.lr} "
+            f"(SFT {opts.sft_lr}). Step time of verl methods includes verl's 2 s replay-buffer poll."
+        ),
+        "settings": {k: v for k, v in vars(opts).items() if k not in ("out",)},
+        "teacher_accuracy": models["teacher_accuracy"],
+        "student_accuracy": models["student_accuracy"],
+        "target_accuracy": TARGET_FRACTION * models["teacher_accuracy"],
+        "total_wall_s": round(time.monotonic() - started, 1),
+        "methods": methods,
+    }
+    result["targets"] = targets(methods)
+    (results_dir / "opd_vs_rl.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(write_markdown(result, results_dir / "opd_vs_rl.md"))
+    write_plot(result, results_dir / "opd_vs_rl.png")
+
+
+if __name__ == "__main__":
+    main()

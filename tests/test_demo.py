@@ -1,0 +1,79 @@
+"""``verl-opd demo`` end to end (short): real ``main_ppo``, falling reverse KL, a parsable accuracy table.
+
+The demo's teacher and student are built once into ``.cache/verl-opd-demo/models`` under the repository
+(the same cache ``make demo`` uses; ``VERL_OPD_DEMO_MODELS`` overrides it), so a second test session, or a
+session after ``make demo``, does not train them again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+
+from verl_opd.demo import RESULTS_NAME, TABLE_ROWS, add_demo_parser
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6
+ROW = re.compile(r"^(teacher|student before|student after)\s+(\S+)\s+(\S+)\s*$")
+STEP_LINE = re.compile(r"^step\s+(\d+)/\d+\s+reverse KL (\S+)")
+
+
+@pytest.fixture(scope="session")
+def demo_models_dir() -> Path:
+    return Path(os.environ.get("VERL_OPD_DEMO_MODELS", REPO / ".cache" / "verl-opd-demo" / "models"))
+
+
+def _parse_table(text: str) -> dict[str, tuple[float, float]]:
+    rows = {}
+    for line in text.splitlines():
+        match = ROW.match(line)
+        if match:
+            rows[match.group(1)] = (float(match.group(2)), float(match.group(3)))
+    return rows
+
+
+def test_demo_short_run_distills(demo_models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    parser = argparse.ArgumentParser(prog="verl-opd")
+    add_demo_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(
+        ["demo", "--steps", str(STEPS), "--workdir", str(tmp_path), "--seed", "0", "--test-freq", "3"]
+        + ["--models-dir", str(demo_models_dir)]
+    )
+    code = args.func(args)
+    printed = capsys.readouterr().out
+    assert code == 0, printed[-4000:]
+
+    # one concise line per training step, with the reverse KL
+    kl = {int(m.group(1)): float(m.group(2)) for m in map(STEP_LINE.match, printed.splitlines()) if m}
+    assert sorted(kl) == list(range(1, STEPS + 1)), printed[-4000:]
+    first, last = statistics.mean(kl[s] for s in (1, 2)), statistics.mean(kl[s] for s in (STEPS - 1, STEPS))
+    assert first > 0, kl
+    assert last < first, kl
+
+    # the final table: teacher, student before, student after; accuracy and reverse KL
+    rows = _parse_table(printed)
+    assert set(rows) == set(TABLE_ROWS), printed[-2000:]
+    for name, (accuracy, reverse_kl) in rows.items():
+        assert 0.0 <= accuracy <= 1.0, (name, accuracy)
+        assert reverse_kl >= 0.0 or name != "teacher", (name, reverse_kl)
+    assert rows["teacher"][0] >= 0.9, rows
+    assert rows["teacher"][1] == 0.0
+    assert rows["student before"][1] == pytest.approx(kl[1], abs=1e-3)
+    assert rows["student after"][1] == pytest.approx(kl[STEPS], abs=1e-3)
+    assert rows["student before"][0] < rows["teacher"][0], rows
+
+    # numbers, plot and log in the workdir; accuracies are verl's validation at step 0 and the last step
+    results = json.loads((tmp_path / RESULTS_NAME).read_text())
+    assert sorted(int(s) for s in results["val_accuracy"]) == [0, 3, STEPS]
+    assert results["student_before"]["accuracy"] == results["val_accuracy"]["0"]
+    assert results["student_after"]["accuracy"] == results["val_accuracy"][str(STEPS)]
+    assert (tmp_path / "demo_plot.png").stat().st_size > 0
+    assert "verl.trainer.main_ppo" in (tmp_path / "main_ppo.log").read_text()[:500]
