@@ -62,7 +62,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
     return TinyAssets(root, Path(student), Path(teacher), student_copy, root / "data")
 
 
-def tiny_cpu_args(tiny: TinyAssets, steps: int, batch: int = 4, response_length: int = 16) -> list[str]:
+def tiny_cpu_args(
+    tiny: TinyAssets, steps: int, batch: int = 4, response_length: int = 16, student: Path | None = None
+) -> list[str]:
     """Overrides for a small CPU run of ``main_ppo`` on the tiny assets (no algorithm choice)."""
     return [
         "trainer.device=cpu",
@@ -71,7 +73,7 @@ def tiny_cpu_args(tiny: TinyAssets, steps: int, batch: int = 4, response_length:
         f"data.train_batch_size={batch}",
         "data.max_prompt_length=64",
         f"data.max_response_length={response_length}",
-        f"actor_rollout_ref.model.path={tiny.student}",
+        f"actor_rollout_ref.model.path={student or tiny.student}",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={batch}",
         f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={batch}",
         f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={batch}",
@@ -98,6 +100,53 @@ def run_main_ppo(args: list[str], cwd: Path, config_name: str | None = None) -> 
     )
     output = proc.stdout + proc.stderr
     return RunResult(proc.returncode, output, parse_step_metrics(output))
+
+
+@dataclass(frozen=True)
+class TrainedPair:
+    """A teacher that knows the task's answer format and a student that only half knows it."""
+
+    teacher: Path
+    student: Path
+
+
+@pytest.fixture(scope="session")
+def trained_pair(tiny: TinyAssets) -> TrainedPair:
+    """SFT both on the arithmetic task (seconds on CPU) so the teacher has opinions on the student's samples.
+
+    Random tiny models are near-uniform: a random teacher has no consistent preference a
+    student could learn in a few tens of steps, so a falling reverse KL needs trained models.
+    """
+    from verl_opd.tiny.model import build_model
+    from verl_opd.tiny.sft import sft_train
+    from verl_opd.tiny.task import make_problems, prompt_text, solution_text
+
+    examples = [
+        ([{"role": "user", "content": prompt_text(question)}], solution_text(question, answer))
+        for question, answer in make_problems(1024, seed=5)
+    ]
+    teacher_init = build_model(tiny.root / "teacher_init", tiny.root / "tokenizer", hidden_size=64, seed=2)
+    teacher = sft_train(
+        teacher_init,
+        tiny.root / "teacher_sft",
+        examples,
+        steps=300,
+        lr=3e-3,
+        batch_size=32,
+        warmup_steps=20,
+        log_every=100,
+    )
+    student = sft_train(
+        tiny.student,
+        tiny.root / "student_sft",
+        examples,
+        steps=25,
+        lr=3e-3,
+        batch_size=32,
+        warmup_steps=5,
+        log_every=25,
+    )
+    return TrainedPair(Path(teacher.path), Path(student.path))
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -11,24 +12,31 @@ pytestmark = pytest.mark.e2e
 
 LEARN_STEPS = 20
 SAVE_EVERY = 10
+TASK_COEF = 0.5
+REWARD = Path(__file__).parent / "assets" / "digit_fraction_reward.py"
 
 
-def _opd_args(tiny, cpu_args, steps: int, ckpt_dir) -> list[str]:
-    return cpu_args(tiny, steps=steps) + [
+def _opd_args(tiny, cpu_args, steps: int, ckpt_dir, student=None) -> list[str]:
+    return cpu_args(tiny, steps=steps, batch=8, student=student) + [
         "actor_rollout_ref.rollout.n=1",
-        "actor_rollout_ref.actor.optim.lr=1e-2",
+        "actor_rollout_ref.actor.optim.lr=3e-3",
         "actor_rollout_ref.actor.optim.weight_decay=0",
+        # two PPO epochs over two mini-batches: four updates per step, so tens of steps show learning
+        "actor_rollout_ref.actor.ppo_epochs=2",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
         f"trainer.default_local_dir={ckpt_dir}",
         f"trainer.save_freq={SAVE_EVERY}",
     ]
 
 
-def test_opd_stock_config_learns_saves_and_resumes(tiny, cpu_args, main_ppo, tmp_path):
+def test_opd_stock_config_learns_saves_and_resumes(tiny, trained_pair, cpu_args, main_ppo, tmp_path):
     """Stock config + ``+opd.teacher.model_path``: KL falls, checkpoints record the teacher, resume continues."""
     ckpt = tmp_path / "ckpt"
-    args = _opd_args(tiny, cpu_args, LEARN_STEPS, ckpt) + [
+    teacher = trained_pair.teacher
+    args = _opd_args(tiny, cpu_args, LEARN_STEPS, ckpt, student=trained_pair.student) + [
         "algorithm.adv_estimator=opd",
-        f"+opd.teacher.model_path={tiny.teacher}",
+        f"+opd.teacher.model_path={teacher}",
     ]
     run = main_ppo(args, cwd=tmp_path)
     assert run.returncode == 0, run.tail()
@@ -50,22 +58,33 @@ def test_opd_stock_config_learns_saves_and_resumes(tiny, cpu_args, main_ppo, tmp
     # the teacher is not in the checkpoint, its identity is
     step_dir = ckpt / f"global_step_{LEARN_STEPS}"
     identity = json.loads((step_dir / "opd_teacher.json").read_text())
-    assert identity["model_path"] == str(tiny.teacher)
+    assert identity["model_path"] == str(teacher)
     assert len(identity["fingerprint"]) == 64
     saved = {p.name for p in (step_dir / "actor").rglob("*")}
     assert not any("teacher" in name for name in saved)
 
-    # resume: continues from step LEARN_STEPS + 1
+    # resume: continues from step LEARN_STEPS + 1; this leg also mixes in a task reward
     resumed = main_ppo(
         [a for a in args if not a.startswith("trainer.total_training_steps")]
-        + [f"trainer.total_training_steps={LEARN_STEPS + 2}", "trainer.resume_mode=auto"],
+        + [
+            f"trainer.total_training_steps={LEARN_STEPS + 2}",
+            "trainer.resume_mode=auto",
+            f"+opd.task_reward_coef={TASK_COEF}",
+            f"reward.custom_reward_function.path={REWARD}",
+            "reward.custom_reward_function.name=compute_score",
+        ],
         cwd=tmp_path,
     )
     assert resumed.returncode == 0, resumed.tail()
     assert sorted(resumed.steps) == [LEARN_STEPS + 1, LEARN_STEPS + 2], resumed.tail()
+    for step, m in resumed.steps.items():
+        # per sequence: sum_t r_t = -kl_coef * sum_t d_t + task_reward_coef * R  (verl logs the mean of sum_t r_t)
+        assert m["critic/score/max"] > 0, step
+        expected = -m["opd/reverse_kl_per_seq"] + TASK_COEF * m["critic/score/mean"]
+        assert m["critic/rewards/mean"] == pytest.approx(expected, abs=1e-4), step
 
     # resuming the same checkpoint against another teacher is refused before anything starts
-    other = [a.replace(str(tiny.teacher), str(tiny.student_copy)) for a in args] + ["trainer.resume_mode=auto"]
+    other = [a.replace(str(teacher), str(tiny.student_copy)) for a in args] + ["trainer.resume_mode=auto"]
     refused = main_ppo(other, cwd=tmp_path)
     assert refused.returncode != 0
     assert "Refusing to resume" in refused.output and "opd.teacher.model_path" in refused.output
