@@ -46,10 +46,12 @@ def test_opd_stock_config_learns_saves_and_resumes(tiny, trained_pair, cpu_args,
     for step, m in run.steps.items():
         assert m["opd/reverse_kl_per_seq"] != 0.0, step
         assert m["opd/advantage_max"] - m["opd/advantage_min"] > 0.05, step  # non-zero, varying advantages
-        # fp32 log-probs: distinct advantages closer than bf16's grid (about 0.03) occur
-        assert 0.0 < m["opd/advantage_min_gap"] < 1e-3, step
+        assert m["opd/advantage_min_gap"] > 0.0, step
         assert m["opd/rollout_vs_train_log_prob_abs_diff_max"] < 1e-3, step
         assert m["actor/grad_norm"] > 0, step
+    # fp32 log-probs: distinct advantages closer than 1e-3 occur (bf16 puts log-probs of magnitude 1-8 on
+    # grids of 0.004-0.06, so their differences could not come this close)
+    assert min(m["opd/advantage_min_gap"] for m in run.steps.values()) < 1e-3
     first = statistics.mean(run.steps[s]["opd/reverse_kl"] for s in (1, 2, 3))
     last = statistics.mean(run.steps[s]["opd/reverse_kl"] for s in (LEARN_STEPS - 2, LEARN_STEPS - 1, LEARN_STEPS))
     assert first > 0

@@ -20,6 +20,9 @@ from verl_opd.tiny.sft import SFTExample, sft_train
 from verl_opd.tiny.task import build_dataset, load_split, make_problems, prompt_text, solution_text
 from verl_opd.tiny.tokenizer import build_tokenizer
 
+# Measured with seed 0 (2 CPU threads): the teacher (96 hidden, 216k params) reaches 94.5% greedy held-out
+# accuracy after 500 steps; the student (64 hidden, 107k params) sits at 16.4% after 225 steps, on the steep
+# part of its learning curve (10% at 200 steps, 44% at 250), where distillation can lift it quickly.
 # Bump "version" whenever the recipe changes in a way the other settings do not capture.
 DEMO_SETTINGS: dict[str, Any] = {
     "version": 1,
