@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from verl_opd.demo import add_demo_parser
 from verl_opd.doctor import add_doctor_parser
 
 
@@ -100,7 +101,7 @@ def add_tiny_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_tiny_demo_models)
 
 
-PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [add_tiny_parser, add_doctor_parser]
+PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [add_tiny_parser, add_doctor_parser, add_demo_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
