@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.verl-opd-installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-demo lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,12 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/verl-opd demo
 
+# The short-demo test trains the demo's teacher first (minutes on 2 cores): run it with `make test-demo`.
 test: install
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider --ignore=tests/test_demo.py
+
+test-demo: install
+	$(PY) -m pytest tests/test_demo.py -q -p no:cacheprovider
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks examples verify_opd_implementation.py

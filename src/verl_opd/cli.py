@@ -101,7 +101,11 @@ def add_tiny_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_tiny_demo_models)
 
 
-PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [add_tiny_parser, add_doctor_parser, add_demo_parser]
+PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_tiny_parser,
+    add_doctor_parser,
+    add_demo_parser,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
