@@ -30,10 +30,11 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/verl-opd demo
 
-# The short-demo test trains the demo's teacher first (minutes on 2 cores): run it with `make test-demo`.
+# The whole suite, the short demo included (it builds the demo models into .cache/ once: ~1.5 min on 2 cores).
 test: install
-	$(PY) -m pytest tests -q -p no:cacheprovider --ignore=tests/test_demo.py
+	$(PY) -m pytest tests -q -p no:cacheprovider
 
+# The short demo alone (the CI test of `make demo`).
 test-demo: install
 	$(PY) -m pytest tests/test_demo.py -q -p no:cacheprovider
 

@@ -1,7 +1,8 @@
 """Benchmark: on-policy distillation against RL and off-policy distillation, from the same student.
 
-All methods start from the demo's weak SFT student (:func:`verl_opd.tiny.demo_models.build_demo_models`)
-and chase the demo's SFT teacher on the tiny addition task. Equal-cost rule: every method samples the same
+All methods start from the same student as ``verl-opd demo`` (:mod:`verl_opd.tiny.demo_models`; by default
+the ``habit`` student: the teacher's weights fine-tuned to answer ``a + b + 1`` most of the time) and chase
+the demo's SFT teacher on the tiny addition task. Equal-cost rule: every method samples the same
 number of responses per step, ``--prompts`` (P), each at most ``--response-length`` tokens, so the sampled
 tokens per step match up to the responses' actual lengths (logged per run as ``response_tokens_mean``).
 
@@ -105,6 +106,11 @@ def run_measured(command: list[str], cwd: Path, log_path: Path) -> tuple[int, st
 
 
 # ---------------------------------------------------------------------------------------------- verl runs
+def method_steps(method: str, opts: argparse.Namespace) -> int:
+    """Training steps of one method: GRPO may run longer, so that a slow climb to the target is still measured."""
+    return opts.grpo_steps if method == "grpo" else opts.steps
+
+
 def verl_args(method: str, models: dict[str, Any], opts: argparse.Namespace, seed: int, out: Path) -> list[str]:
     """Overrides of ``main_ppo`` for one verl-based method; equal sampled responses per step (P)."""
     prompts, n = (opts.prompts // GRPO_N, GRPO_N) if method == "grpo" else (opts.prompts, 1)
@@ -124,11 +130,13 @@ def verl_args(method: str, models: dict[str, Any], opts: argparse.Namespace, see
         f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={samples}",
         f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={samples}",
         f"actor_rollout_ref.actor.optim.lr={opts.lr}",
+        f"actor_rollout_ref.actor.optim.lr_warmup_steps={opts.warmup_steps}",
         "actor_rollout_ref.actor.optim.weight_decay=0",
         "actor_rollout_ref.actor.use_kl_loss=False",
         "trainer.n_gpus_per_node=1",
         "trainer.nnodes=1",
-        f"trainer.total_training_steps={opts.steps}",
+        f"trainer.total_training_steps={method_steps(method, opts)}",
+        "trainer.total_epochs=100000",  # the step count decides
         "trainer.logger=console",
         "trainer.val_before_train=True",
         f"trainer.test_freq={opts.test_freq}",
@@ -176,7 +184,8 @@ def run_verl(method: str, models: dict[str, Any], opts: argparse.Namespace, seed
     accuracy = {s: val_accuracy(m) for s, m in sorted(steps.items()) if val_accuracy(m) is not None}
     train_steps = sorted(s for s in steps if s > 0)
     step_time = {s: steps[s].get("timing_s/step", float("nan")) for s in train_steps}
-    kl_key = {"opd": "opd/reverse_kl", "verl_distill": "distillation/loss"}.get(method)
+    # both are the mean over response tokens of log p_student - log p_teacher at the sampled tokens
+    kl_key = {"opd": "opd/reverse_kl", "verl_distill": "actor/distillation/loss"}.get(method)
     extra = {}
     if kl_key:
         extra["reverse_kl"] = {s: steps[s][kl_key] for s in train_steps if kl_key in steps[s]}
@@ -206,6 +215,7 @@ def sft_worker(argv: list[str]) -> None:
     parser.add_argument("--test-freq", type=int)
     parser.add_argument("--response-length", type=int)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--warmup-steps", type=int)
     a = parser.parse_args(argv)
 
     import random
@@ -239,8 +249,10 @@ def sft_worker(argv: list[str]) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(a.student)
     model = AutoModelForCausalLM.from_pretrained(a.student, dtype=torch.float32)
-    # verl's actor defaults: AdamW, constant lr, grad-norm clip 1.0 (weight decay 0 as in the verl runs)
+    # as verl's actor: AdamW, linear warm-up then constant lr, grad-norm clip 1.0, weight decay 0
     optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
+    warmup = max(a.warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup) if warmup else 1.0)
     snapshot = out / "student"
 
     def evaluate() -> float:
@@ -263,6 +275,7 @@ def sft_worker(argv: list[str]) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        scheduler.step()
         step_time[step] = time.perf_counter() - begin + sample_s / a.steps
         if step % a.test_freq == 0 or step == a.steps:
             accuracy[step] = evaluate()
@@ -288,7 +301,7 @@ def run_sft(models: dict[str, Any], opts: argparse.Namespace, seed: int, out: Pa
         *("--train", models["train"], "--test", models["test"], "--out", str(out)),
         *("--steps", str(opts.steps), "--prompts", str(opts.prompts), "--lr", str(opts.sft_lr)),
         *("--test-freq", str(opts.test_freq), "--response-length", str(opts.response_length)),
-        *("--seed", str(seed)),
+        *("--seed", str(seed), "--warmup-steps", str(opts.warmup_steps)),
     ]
     code, output, wall, peak = run_measured(command, out, out / "run.log")
     result_file = out / "sft_result.json"
@@ -302,7 +315,7 @@ def run_sft(models: dict[str, Any], opts: argparse.Namespace, seed: int, out: Pa
 
 
 # ---------------------------------------------------------------------------------------------- summary
-def finish_run(raw: dict[str, Any], teacher_accuracy: float, seed: int) -> dict[str, Any]:
+def finish_run(raw: dict[str, Any], teacher_accuracy: float, seed: int, common_step: int) -> dict[str, Any]:
     """Per-seed numbers from a run's accuracy curve and step times."""
     if "error" in raw:
         return {"seed": seed, "error": raw["error"]}
@@ -319,6 +332,8 @@ def finish_run(raw: dict[str, Any], teacher_accuracy: float, seed: int) -> dict[
         else None,
         "final_accuracy": accuracy[max(accuracy)],
         "final_step": max(accuracy),
+        # every method's accuracy at the same step (--steps), whatever its own run length
+        "accuracy_at_common_step": accuracy.get(common_step),
         "start_accuracy": accuracy.get(0),
         "step_time_s": round(statistics.median(later), 3),
         "peak_rss_gib": round(raw["peak_rss_gib"], 2),
@@ -355,10 +370,17 @@ def summarize_method(seeds: list[dict[str, Any]]) -> dict[str, Any]:
         "seeds_reaching_90pct_teacher": f"{sum(r['steps_to_90pct_teacher'] is not None for r in ok)}/{len(ok)}",
         "final_accuracy": round(statistics.mean(r["final_accuracy"] for r in ok), 4),
         "final_accuracy_min_max": [min(r["final_accuracy"] for r in ok), max(r["final_accuracy"] for r in ok)],
+        "final_step": max(r["final_step"] for r in ok),
+        "accuracy_at_common_step": _mean_or_none([r.get("accuracy_at_common_step") for r in ok]),
         "step_time_s": round(statistics.median(r["step_time_s"] for r in ok), 3),
         "peak_rss_gib": max(r["peak_rss_gib"] for r in ok),
         "seeds": seeds,
     }
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.mean(known), 4) if known else None
 
 
 def _fmt(value: Any, spec: str = "") -> str:
@@ -378,18 +400,20 @@ def write_markdown(result: dict[str, Any], path: Path) -> str:
         f"Teacher greedy accuracy {result['teacher_accuracy']:.3f}; target (90%) "
         f"{TARGET_FRACTION * result['teacher_accuracy']:.3f}; student start {result['student_accuracy']:.3f}.",
         "",
-        "| method | steps to 90% teacher (median) | seeds reaching | train wall s to 90% | final accuracy "
-        "(mean [min, max]) | step time s (median) | peak RSS GiB |",
-        "|---|---|---|---|---|---|---|",
+        f"| method | steps to 90% teacher (median) | seeds reaching | train wall s to 90% | accuracy at step "
+        f"{result['settings']['steps']} (mean) | final accuracy (mean [min, max]) at step | step time s (median) "
+        "| peak RSS GiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, m in result["methods"].items():
         if m.get("error"):
-            lines.append(f"| {name} | n/a | n/a | n/a | n/a | n/a | n/a |  <!-- {m['error']} -->")
+            lines.append(f"| {name} | did not run (below) | | | | | | |")
             continue
         lo, hi = m["final_accuracy_min_max"]
         lines.append(
             f"| {name} | {_fmt(m['steps_to_90pct_teacher'], 'steps')} | {m['seeds_reaching_90pct_teacher']} | "
-            f"{_fmt(m['train_wall_s_to_90pct_teacher'])} | {m['final_accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | "
+            f"{_fmt(m['train_wall_s_to_90pct_teacher'])} | {_fmt(m['accuracy_at_common_step'], '.3f')} | "
+            f"{m['final_accuracy']:.3f} [{lo:.3f}, {hi:.3f}] at {m['final_step']} | "
             f"{m['step_time_s']} | {m['peak_rss_gib']} |"
         )
     errors = [f"- `{n}`: {m['error']}" for n, m in result["methods"].items() if m.get("error")]
@@ -401,7 +425,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> str:
     return text
 
 
-def targets(methods: dict[str, Any]) -> list[str]:
+def targets(methods: dict[str, Any], grpo_steps: int) -> list[str]:
     def get(name: str, key: str) -> Any:
         m = methods.get(name)
         return None if m is None or m.get("error") else m.get(key)
@@ -414,10 +438,12 @@ def targets(methods: dict[str, Any]) -> list[str]:
             f"OPD reaches 90% of teacher in >= 5x fewer steps than GRPO: {ratio:.1f}x -> "
             f"{'met' if ratio >= 5 else 'NOT met'}"
         )
-    elif opd_steps is not None and "grpo" in methods:
+    elif opd_steps is not None and get("grpo", "final_accuracy") is not None:
+        bound = grpo_steps / max(opd_steps, 1)
+        verdict = "met" if bound >= 5 else "undetermined (the run is too short to tell)"
         out.append(
-            f"OPD reaches 90% of teacher in >= 5x fewer steps than GRPO: OPD {opd_steps:g} steps, GRPO never within "
-            "the run -> met only if GRPO needs >= 5x; not measured to the end"
+            f"OPD reaches 90% of teacher in >= 5x fewer steps than GRPO: OPD {opd_steps:g} steps, GRPO not within "
+            f"{grpo_steps} steps, so the ratio is > {bound:.1f}x -> {verdict}"
         )
     else:
         out.append("OPD reaches 90% of teacher in >= 5x fewer steps than GRPO: not measurable (OPD did not reach it)")
@@ -470,16 +496,21 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=40, help="training steps (all methods but GRPO)")
+    parser.add_argument("--grpo-steps", type=int, default=100, help="GRPO's training steps")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--prompts", type=int, default=16, help="sampled responses per step (P); GRPO: P/4 x n=4")
     parser.add_argument("--response-length", type=int, default=16)
     parser.add_argument("--test-freq", type=int, default=5)
-    parser.add_argument("--lr", type=float, default=2e-3, help="student lr of the verl methods")
-    parser.add_argument("--sft-lr", type=float, default=2e-3, help="student lr of the SFT baseline")
+    parser.add_argument("--lr", type=float, default=3e-4, help="student lr of the verl methods")
+    parser.add_argument("--sft-lr", type=float, default=3e-4, help="student lr of the SFT baseline")
+    parser.add_argument("--warmup-steps", type=int, default=0, help="linear lr warm-up (all methods)")
+    parser.add_argument("--student", default="habit", choices=("habit", "small"), help="the demo's student kinds")
+    parser.add_argument("--models-dir", default=None, help="demo models cache (default <workdir>/models)")
     parser.add_argument("--workdir", default="/tmp/verl-opd-bench", help="models (cached), per-run logs")
     parser.add_argument("--models-seed", type=int, default=0, help="seed of the demo teacher/student build")
     parser.add_argument("--out", default=str(RESULTS), help="where opd_vs_rl.{json,md,png} go")
+    parser.add_argument("--from-runs", action="store_true", help="only re-summarize the runs in --workdir")
     opts = parser.parse_args()
     if opts.prompts % GRPO_N:
         parser.error(f"--prompts must be a multiple of {GRPO_N} (GRPO samples P/{GRPO_N} prompts x {GRPO_N})")
@@ -488,7 +519,8 @@ def main() -> None:
 
     work = Path(opts.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    models = build_demo_models(work / "models", seed=opts.models_seed)
+    models_dir = Path(opts.models_dir).resolve() if opts.models_dir else work / "models"
+    models = build_demo_models(models_dir, seed=opts.models_seed, student=opts.student)
     print(f"teacher accuracy {models['teacher_accuracy']:.3f}, student {models['student_accuracy']:.3f}", flush=True)
     started = time.monotonic()
     results_dir = Path(opts.out)
@@ -499,12 +531,18 @@ def main() -> None:
         per_seed = []
         for seed in opts.seeds:
             out = work / "runs" / f"{method}_seed{seed}"
+            if opts.from_runs:  # re-summarize finished runs without running anything
+                if (out / "result.json").exists():
+                    per_seed.append(json.loads((out / "result.json").read_text()))
+                    load.append(per_seed[-1].get("load_avg_1min", float("nan")))
+                continue
             out.mkdir(parents=True, exist_ok=True)
             t0 = time.monotonic()
             print(f"[{time.monotonic() - started:6.0f}s] {method} seed {seed} ...", flush=True)
             raw = run_sft(models, opts, seed, out) if method == "sft" else run_verl(method, models, opts, seed, out)
             load.append(os.getloadavg()[0])
-            run = finish_run(raw, models["teacher_accuracy"], seed)
+            run = finish_run(raw, models["teacher_accuracy"], seed, opts.steps)
+            run["load_avg_1min"] = load[-1]
             (out / "result.json").write_text(json.dumps(run, indent=2) + "\n")
             per_seed.append(run)
             if "error" in run:
@@ -518,28 +556,41 @@ def main() -> None:
                 )
             if "error" in run and method == "verl_distill":
                 break  # a configuration failure repeats for every seed
-        methods[method] = summarize_method(per_seed)
+        if per_seed or not opts.from_runs:
+            methods[method] = summarize_method(per_seed)
 
+    finite_load = [x for x in load if x == x]  # NaN where a re-summarized run did not record it
     result = {
         "date": date.today().isoformat(),
         "machine": (
             f"{platform.machine()}, {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
-            f"torch CPU; mean 1-min load average after runs {statistics.mean(load):.1f}"
+            "torch CPU; "
+            + (
+                f"mean 1-min load average after runs {statistics.mean(finite_load):.1f}"
+                if finite_load
+                else "load average not recorded"
+            )
         ),
         "setup": (
-            f"Demo SFT teacher/student (tiny Qwen2), addition task, {opts.prompts} sampled responses per step "
+            f"verl-opd demo models: SFT teacher (tiny Qwen2) and the '{opts.student}' student "
+            f"(see verl_opd.tiny.demo_models), 2-digit addition, {opts.prompts} sampled responses per step "
             f"(GRPO {opts.prompts // GRPO_N} prompts x {GRPO_N}), responses <= {opts.response_length} tokens, "
-            f"{opts.steps} steps, accuracy every {opts.test_freq} steps, seeds {opts.seeds}, lr {opts.lr} "
+            f"{opts.steps} steps (GRPO {opts.grpo_steps}), accuracy every {opts.test_freq} steps, seeds {opts.seeds}, "
+            f"lr {opts.lr} "
             f"(SFT {opts.sft_lr}). Step time of verl methods includes verl's 2 s replay-buffer poll."
         ),
         "settings": {k: v for k, v in vars(opts).items() if k not in ("out",)},
         "teacher_accuracy": models["teacher_accuracy"],
         "student_accuracy": models["student_accuracy"],
         "target_accuracy": TARGET_FRACTION * models["teacher_accuracy"],
-        "total_wall_s": round(time.monotonic() - started, 1),
+        "total_wall_s": (
+            sum(r.get("wall_s", 0) for m in methods.values() for r in m["seeds"])
+            if opts.from_runs
+            else round(time.monotonic() - started, 1)
+        ),
         "methods": methods,
     }
-    result["targets"] = targets(methods)
+    result["targets"] = targets(methods, opts.grpo_steps)
     (results_dir / "opd_vs_rl.json").write_text(json.dumps(result, indent=2) + "\n")
     print(write_markdown(result, results_dir / "opd_vs_rl.md"))
     write_plot(result, results_dir / "opd_vs_rl.png")

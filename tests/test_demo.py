@@ -1,8 +1,8 @@
 """``verl-opd demo`` end to end (short): real ``main_ppo``, falling reverse KL, a parsable accuracy table.
 
-The demo's teacher and student are built once into ``.cache/verl-opd-demo/models`` under the repository
-(the same cache ``make demo`` uses; ``VERL_OPD_DEMO_MODELS`` overrides it), so a second test session, or a
-session after ``make demo``, does not train them again.
+The demo's teacher and its default ("habit") student are built once into ``.cache/verl-opd-demo/models``
+under the repository (the same cache ``make demo`` uses; ``VERL_OPD_DEMO_MODELS`` overrides it), so a
+second test session, or a session after ``make demo``, does not train them again.
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ def test_demo_short_run_distills(demo_models_dir: Path, tmp_path: Path, capsys: 
     assert rows["student before"][1] == pytest.approx(kl[1], abs=1e-3)
     assert rows["student after"][1] == pytest.approx(kl[STEPS], abs=1e-3)
     assert rows["student before"][0] < rows["teacher"][0], rows
+    # the default student's off-by-one habit is corrected within a few steps (about 0.17 -> 0.8 by step 6)
+    assert rows["student after"][0] > rows["student before"][0] + 0.2, rows
 
     # numbers, plot and log in the workdir; accuracies are verl's validation at step 0 and the last step
     results = json.loads((tmp_path / RESULTS_NAME).read_text())

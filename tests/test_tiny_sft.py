@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -108,14 +109,24 @@ def test_evaluate_accuracy_matches_manual_check(tmp_path: Path, trained: tuple[P
 
 def test_build_demo_models_shares_tokenizer_and_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tiny = {"hidden_size": 32, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2, "steps": 3, "lr": 1e-3}
+    habit = {**demo_models.DEMO_SETTINGS["students"]["habit"], "steps": 3}
     settings = {**demo_models.DEMO_SETTINGS, "digits": 1, "n_train": 20, "n_test": 10}
-    settings.update(teacher=tiny, student=tiny, teacher_min_accuracy=0.0)
+    settings.update(teacher=tiny, students={"habit": habit, "small": tiny}, teacher_min_accuracy=0.0)
     monkeypatch.setattr(demo_models, "DEMO_SETTINGS", settings)
     built = demo_models.build_demo_models(tmp_path)
-    assert not built["cached"] and 0.0 <= built["student_accuracy"] <= 1.0
+    assert not built["cached"] and set(built["seconds"]) == {"teacher", "student"}
+    assert 0.0 <= built["student_accuracy"] <= 1.0 and built["student_kind"] == "habit"
     for role in ("teacher", "student"):
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             assert (Path(built[role]) / name).read_bytes() == (Path(built["tokenizer"]) / name).read_bytes()
+    # the habit student starts from the teacher's weights (same architecture), the small one from scratch
+    teacher_config = json.loads((Path(built["teacher"]) / "config.json").read_text())
+    assert (
+        json.loads((Path(built["student"]) / "config.json").read_text())["hidden_size"] == teacher_config["hidden_size"]
+    )
+
+    small = demo_models.build_demo_models(tmp_path, student="small")  # the teacher is reused
+    assert set(small["seconds"]) == {"student"} and small["teacher"] == built["teacher"]
 
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("cached models must not be retrained")
@@ -123,5 +134,21 @@ def test_build_demo_models_shares_tokenizer_and_caches(tmp_path: Path, monkeypat
     monkeypatch.setattr(demo_models, "sft_train", no_training)
     again = demo_models.build_demo_models(tmp_path)
     assert again["cached"] and again["teacher"] == built["teacher"]
+    assert again["student_accuracy"] == built["student_accuracy"]
     with pytest.raises(AssertionError, match="retrained"):
         demo_models.build_demo_models(tmp_path, seed=1)  # other settings: rebuild
+    with pytest.raises(ValueError, match="habit, small"):
+        demo_models.build_demo_models(tmp_path, student="tiny")
+
+
+def test_habit_examples_shift_a_seeded_fraction_of_answers(tmp_path: Path) -> None:
+    _, test = build_dataset(tmp_path, n_train=20, n_test=10, seed=0, digits=1)
+    clean = demo_models._sft_examples(test, digits=1, seed=0)
+    shifted = demo_models._sft_examples(test, digits=1, seed=0, shift={"wrong_fraction": 0.5, "offset": 1})
+    assert [prompt for prompt, _ in clean] == [prompt for prompt, _ in shifted]
+    answers = [
+        (int(a.split("####")[-1]), int(b.split("####")[-1])) for (_, a), (_, b) in zip(clean, shifted, strict=True)
+    ]
+    wrong = [b - a for a, b in answers if a != b]
+    assert set(wrong) == {1}
+    assert 0.3 < len(wrong) / len(answers) < 0.7

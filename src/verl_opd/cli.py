@@ -55,7 +55,7 @@ def _tiny_data(args: argparse.Namespace) -> int:
 def _tiny_demo_models(args: argparse.Namespace) -> int:
     from verl_opd.tiny.demo_models import build_demo_models
 
-    result = build_demo_models(args.out, seed=args.seed)
+    result = build_demo_models(args.out, seed=args.seed, student=args.student)
     state = "reused cache" if result["cached"] else f"built in {sum(result['seconds'].values()):.0f}s"
     print(f"demo models in {args.out} ({state})")
     for role in ("teacher", "student"):
@@ -98,6 +98,7 @@ def add_tiny_parser(subparsers: argparse._SubParsersAction) -> None:
     p = leaves.add_parser("demo-models", help="build (or reuse) the demo's SFT teacher and weaker student")
     p.add_argument("--out", required=True, help="output directory (also the cache)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--student", choices=("habit", "small"), default="habit", help="which student kind to build")
     p.set_defaults(func=_tiny_demo_models)
 
 

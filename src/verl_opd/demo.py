@@ -1,13 +1,17 @@
 """``verl-opd demo``: on-policy distillation that visibly works, on a laptop CPU, through verl's real trainer.
 
 1. Builds (or reuses, from ``--workdir``) a tiny tokenizer, the addition dataset, an SFT teacher and a
-   weaker SFT student (:func:`verl_opd.tiny.demo_models.build_demo_models`) and prints both accuracies.
+   student (:func:`verl_opd.tiny.demo_models.build_demo_models`) and prints both accuracies.
 2. Runs the stock ``python -m verl.trainer.main_ppo trainer.device=cpu algorithm.adv_estimator=opd`` on
    them as a subprocess, the student in the actor slot and the teacher in verl's reference slot. Its full
    output goes to ``<workdir>/main_ppo.log``; one line per training step is printed here (reverse KL, and
    verl's greedy validation accuracy on the held-out set every ``--test-freq`` steps).
 3. Prints a teacher / student-before / student-after table of accuracy and reverse KL, and writes
    ``demo_results.json`` and ``demo_plot.png`` to the workdir.
+
+Students (``--student``, see :mod:`verl_opd.tiny.demo_models`): ``habit`` (default), the teacher with a
+learned off-by-one habit, which OPD corrects in a few dozen steps; ``small``, a smaller and weaker SFT
+model, whose gap is capability and takes far more samples than a laptop demo affords.
 
 Accuracies of the student come from verl's own validation (``trainer.val_before_train=True`` gives step 0,
 ``trainer.test_freq`` the later ones; greedy decoding, verl's gsm8k grader). The teacher's comes from
@@ -30,15 +34,24 @@ from typing import Any
 from verl_opd.console_metrics import parse_step_metrics
 
 DEFAULT_WORKDIR = Path(".cache") / "verl-opd-demo"
-DEFAULT_STEPS = 60
+DEFAULT_STEPS = 40
 DEFAULT_BATCH_SIZE = 16
-DEFAULT_LR = 2e-3
-DEFAULT_TEST_FREQ = 10
+DEFAULT_LR = 3e-4
+DEFAULT_TEST_FREQ = 5
 DEFAULT_RESPONSE_LENGTH = 16
+DEFAULT_N = 1
+DEFAULT_WARMUP_STEPS = 0
+# One line per student kind of verl_opd.tiny.demo_models (kept here so the CLI imports no torch).
+STUDENT_STORY = {
+    "habit": "student: the teacher fine-tuned on answers that are off by one 70% of the time: it can add, "
+    "but has a bad habit",
+    "small": "student: a smaller model (hidden 64 vs 96), briefly SFT'd: it has not learned to add yet",
+}
 LOG_NAME = "main_ppo.log"
 RESULTS_NAME = "demo_results.json"
 PLOT_NAME = "demo_plot.png"
 KL_KEY = "opd/reverse_kl"
+KL_SMOOTHING = 5
 VAL_PREFIX = "val-core/"
 TABLE_HEADER = f"{'':<16}{'accuracy':>10}{'reverse KL':>12}"
 TABLE_ROWS = ("teacher", "student before", "student after")
@@ -59,6 +72,8 @@ def main_ppo_args(
     test_freq: int = DEFAULT_TEST_FREQ,
     response_length: int = DEFAULT_RESPONSE_LENGTH,
     checkpoint_dir: str | Path = "checkpoints",
+    n: int = DEFAULT_N,
+    warmup_steps: int = DEFAULT_WARMUP_STEPS,
 ) -> list[str]:
     """Hydra overrides of the demo's ``main_ppo`` run (stock ``ppo_trainer`` config + OPD)."""
     return [
@@ -72,17 +87,19 @@ def main_ppo_args(
         "data.max_prompt_length=64",
         f"data.max_response_length={response_length}",
         f"data.seed={seed}",
-        "actor_rollout_ref.rollout.n=1",
+        f"actor_rollout_ref.rollout.n={n}",
         f"actor_rollout_ref.rollout.seed={seed}",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={batch_size}",
-        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={batch_size}",
-        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={batch_size}",
+        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={batch_size * n}",
+        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={batch_size * n}",
         f"actor_rollout_ref.actor.optim.lr={lr}",
+        f"actor_rollout_ref.actor.optim.lr_warmup_steps={warmup_steps}",
         "actor_rollout_ref.actor.optim.weight_decay=0",
         "actor_rollout_ref.actor.use_kl_loss=False",
         "trainer.n_gpus_per_node=1",
         "trainer.nnodes=1",
         f"trainer.total_training_steps={steps}",
+        "trainer.total_epochs=100000",  # the step count decides; the small train set is revisited
         "trainer.logger=console",
         "trainer.val_before_train=True",
         f"trainer.test_freq={test_freq}",
@@ -207,6 +224,11 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over up to ``window`` values: the per-step KL is a one-sample-per-token estimate, noisy."""
+    return [sum(values[max(0, i + 1 - window) : i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(values))]
+
+
 def write_plot(summary: dict[str, Any], path: Path) -> bool:
     """Validation accuracy and reverse KL against step (PNG); False if matplotlib is not installed."""
     try:
@@ -223,9 +245,12 @@ def write_plot(summary: dict[str, Any], path: Path) -> bool:
     ax_acc.set(xlabel="training step", ylabel="held-out accuracy", ylim=(0, 1.02), title="Accuracy")
     ax_acc.legend(loc="lower right")
     kl = {int(s): v for s, v in summary["reverse_kl"].items()}
-    ax_kl.plot(list(kl), list(kl.values()), color="tab:red")
+    steps, values = list(kl), list(kl.values())
+    ax_kl.plot(steps, values, color="tab:red", alpha=0.35, label="per step (sampled-token estimate)")
+    ax_kl.plot(steps, moving_average(values, KL_SMOOTHING), color="tab:red", label=f"mean of last {KL_SMOOTHING}")
     ax_kl.set(xlabel="training step", ylabel="nats per token", title="Reverse KL(student || teacher)")
-    ax_kl.set_ylim(bottom=0)
+    ax_kl.set_ylim(bottom=min(0.0, *values))
+    ax_kl.legend(loc="upper right")
     fig.suptitle("On-policy distillation with verl's main_ppo on CPU (verl-opd demo)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -242,11 +267,14 @@ def run_demo(
     test_freq: int = DEFAULT_TEST_FREQ,
     response_length: int = DEFAULT_RESPONSE_LENGTH,
     models_dir: str | Path | None = None,
+    n: int = DEFAULT_N,
+    warmup_steps: int = DEFAULT_WARMUP_STEPS,
+    student: str = "habit",
     out: Printer = _print,
 ) -> int:
     """The whole demo; returns a process exit code (0 on success, main_ppo's non-zero code on failure).
 
-    ``models_dir`` (default ``<workdir>/models``) caches teacher, student and data across runs.
+    ``models_dir`` (default ``<workdir>/models``) caches teacher, students and data across runs.
     """
     from verl_opd.tiny.demo_models import build_demo_models
 
@@ -256,19 +284,29 @@ def run_demo(
     out(f"verl-opd demo: workdir {work}")
     out("[1/3] teacher, student and data (built once, then reused; the first build takes a few minutes)")
     models_path = Path(models_dir).resolve() if models_dir is not None else work / "models"
-    models = build_demo_models(models_path, seed=seed)
+    models = build_demo_models(models_path, seed=seed, student=student)
     build_s = time.monotonic() - start
     out(f"      {'reused' if models.get('cached') else f'built in {build_s:.0f}s'}: {models_path}")
     out(f"      teacher accuracy {models['teacher_accuracy']:.3f}  ({models['teacher']})")
     out(f"      student accuracy {models['student_accuracy']:.3f}  ({models['student']})")
+    out(f"      ({STUDENT_STORY[student]})")
     out("      (greedy, held-out problems, graded by verl's gsm8k reward)")
 
     log_path = work / LOG_NAME
     args = main_ppo_args(
-        models, steps, seed, batch_size, lr, test_freq, response_length, checkpoint_dir=work / "checkpoints"
+        models,
+        steps,
+        seed,
+        batch_size,
+        lr,
+        test_freq,
+        response_length,
+        checkpoint_dir=work / "checkpoints",
+        n=n,
+        warmup_steps=warmup_steps,
     )
     out(
-        f"[2/3] OPD with verl's main_ppo on CPU: {steps} steps, {batch_size} prompts/step, lr {lr}, "
+        f"[2/3] OPD with verl's main_ppo on CPU: {steps} steps, {batch_size} prompts x {n} samples/step, lr {lr}, "
         f"validation every {test_freq} steps"
     )
     out(f"      full log: {log_path}  (start-up takes 1-2 minutes)")
@@ -293,6 +331,9 @@ def run_demo(
             "lr": lr,
             "test_freq": test_freq,
             "response_length": response_length,
+            "n": n,
+            "warmup_steps": warmup_steps,
+            "student": student,
         },
         seconds={"models": round(build_s, 1), "main_ppo": round(train_s, 1), "total": None},
         models={k: models[k] for k in ("teacher", "student", "train", "test")},
@@ -323,6 +364,9 @@ def _demo(args: argparse.Namespace) -> int:
         test_freq=args.test_freq,
         response_length=args.response_length,
         models_dir=args.models_dir,
+        n=args.n,
+        warmup_steps=args.warmup_steps,
+        student=args.student,
     )
 
 
@@ -344,5 +388,13 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help="student learning rate")
     p.add_argument("--test-freq", type=int, default=DEFAULT_TEST_FREQ, help="validate every N steps")
     p.add_argument("--response-length", type=int, default=DEFAULT_RESPONSE_LENGTH, help="max response tokens")
+    p.add_argument(
+        "--student",
+        choices=tuple(STUDENT_STORY),
+        default="habit",
+        help="habit: the teacher with a learned off-by-one habit (default); small: a smaller, weaker SFT model",
+    )
+    p.add_argument("--n", type=int, default=DEFAULT_N, help="samples per prompt")
+    p.add_argument("--warmup-steps", type=int, default=DEFAULT_WARMUP_STEPS, help="linear lr warm-up steps")
     p.add_argument("--models-dir", default=None, help="cache of teacher, student and data (default <workdir>/models)")
     p.set_defaults(func=_demo)

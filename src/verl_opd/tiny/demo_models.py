@@ -1,15 +1,25 @@
-"""The demo's teacher and student: a strong and a weak SFT model for the tiny addition task, built once.
+"""The demo's teacher and students for the tiny addition task, built once and cached.
 
 On-policy distillation only shows something if the teacher is good (>= 90% held-out accuracy) and the
-student is clearly worse but not hopeless (it knows the ``#### <n>`` format, so OPD has per-token signal to
-improve the digits). Both are trained by :func:`verl_opd.tiny.sft.sft_train` from seeded random Qwen2
-models that share one byte-identical tokenizer. Everything is cached in ``out_dir`` and keyed by the full
-settings, so ``make demo`` rebuilds only when a setting changes.
+student is clearly worse but can still be taught in the steps a laptop affords. Every model is trained by
+:func:`verl_opd.tiny.sft.sft_train` and shares one byte-identical tokenizer. Two students:
+
+* ``habit`` (the demo's default): the teacher's weights fine-tuned for a few SFT steps on answers that are
+  off by one (``a + b + 1``) 70% of the time. It can add but has picked up a systematic bad habit that it
+  shows on most problems (17% greedy accuracy): the situation on-policy distillation is made for, a student
+  whose own samples carry a mistake the teacher can point at token by token.
+* ``small``: a smaller model (hidden 64 vs 96) SFT'd from scratch for fewer steps (16%). Its gap is
+  capability, not habit; with single-sample per-token OPD it needs far more samples than a laptop demo
+  has (on 2 CPU cores its accuracy stays flat over ~100 OPD steps of 16 prompts).
+
+Each role is cached in ``out_dir`` with a JSON record keyed by every setting it depends on (a student's key
+includes its teacher's), so a changed setting rebuilds only what it affects.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -20,87 +30,167 @@ from verl_opd.tiny.sft import SFTExample, sft_train
 from verl_opd.tiny.task import build_dataset, load_split, make_problems, prompt_text, solution_text
 from verl_opd.tiny.tokenizer import build_tokenizer
 
-# Measured with seed 0 (2 CPU threads): the teacher (96 hidden, 216k params) reaches 94.5% greedy held-out
-# accuracy after 500 steps; the student (64 hidden, 107k params) sits at 16.4% after 225 steps, on the steep
-# part of its learning curve (10% at 200 steps, 44% at 250), where distillation can lift it quickly.
+# Measured with seed 0 on 2 CPU threads (idle): teacher (96 hidden, 216k params) 94.5% greedy held-out accuracy
+# after 500 steps (~55 s); habit student 17.2% (~7 s); small student (64 hidden, 107k params) 16.4% after 225
+# steps (~20 s), on the steep part of its curve (10% at 200 steps, 44% at 250).
 # Bump "version" whenever the recipe changes in a way the other settings do not capture.
 DEMO_SETTINGS: dict[str, Any] = {
-    "version": 1,
+    "version": 2,
     "vocab_size": 512,
     "digits": 2,
     "n_train": 512,
     "n_test": 128,
-    "teacher": {"hidden_size": 96, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "steps": 500, "lr": 3e-3},
-    "student": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "steps": 225, "lr": 3e-3},
     "batch_size": 64,
+    "teacher": {"hidden_size": 96, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "steps": 500, "lr": 3e-3},
     "teacher_min_accuracy": 0.9,
     "teacher_extra_rounds": 2,
+    "students": {
+        "habit": {"wrong_fraction": 0.7, "offset": 1, "steps": 60, "lr": 1e-3, "warmup_steps": 10},
+        "small": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "steps": 225, "lr": 3e-3},
+    },
 }
-RESULT_FILE = "demo_models.json"
+STUDENTS = tuple(DEMO_SETTINGS["students"])
+ARCH_KEYS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads")
 
 
-def _sft_examples(test_parquet: Path, digits: int, seed: int) -> list[SFTExample]:
-    """Every ``digits``-digit addition problem except the held-out test ones, as SFT (prompt, target) pairs."""
+def _sft_examples(test_parquet: Path, digits: int, seed: int, shift: dict[str, Any] | None = None) -> list[SFTExample]:
+    """Every ``digits``-digit addition problem except the held-out ones, as SFT (prompt, target) pairs.
+
+    With ``shift`` (``wrong_fraction``, ``offset``), a seeded ``wrong_fraction`` of the answers are off by
+    ``offset``: the habit student's training data.
+    """
     n_values = 10 if digits == 1 else 9 * 10 ** (digits - 1)
     held_out = {messages[0]["content"] for messages in load_split(test_parquet)[0]}
+    rng = random.Random(seed)
     examples = []
     for question, answer in make_problems(n_values**2, seed=seed, digits=digits):
-        if prompt_text(question) not in held_out:
-            examples.append(([{"role": "user", "content": prompt_text(question)}], solution_text(question, answer)))
+        if prompt_text(question) in held_out:
+            continue
+        if shift is not None and rng.random() < shift["wrong_fraction"]:
+            answer += shift["offset"]
+        examples.append(([{"role": "user", "content": prompt_text(question)}], solution_text(question, answer)))
     return examples
 
 
-def _train_role(out: Path, role: str, settings: dict[str, Any], examples: list[SFTExample], test: Path) -> float:
-    """SFT one model of the demo from a seeded random init into ``out / role``; returns its greedy accuracy.
+def _cached(out: Path, role: str, key: dict[str, Any]) -> float | None:
+    """The stored accuracy of ``out / role`` if it was built with exactly ``key``."""
+    record = out / f"{role}.json"
+    if record.exists() and (out / role / "config.json").exists():
+        stored = json.loads(record.read_text())
+        if stored.get("key") == key:
+            return stored["accuracy"]
+    return None
 
-    The teacher must clear ``teacher_min_accuracy``: small transformers learn the carry abruptly after a
+
+def _store(out: Path, role: str, key: dict[str, Any], accuracy: float, seconds: float) -> None:
+    record = {"key": key, "accuracy": accuracy, "seconds": round(seconds, 1)}
+    (out / f"{role}.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def _train_teacher(out: Path, settings: dict[str, Any], examples: list[SFTExample], test: Path) -> float:
+    """SFT the teacher from a seeded random init; returns its greedy held-out accuracy.
+
+    It must clear ``teacher_min_accuracy``: small transformers learn the carry abruptly after a
     seed-dependent plateau, so if it has not yet, it gets up to ``teacher_extra_rounds`` more rounds of
     half the steps at a third of the learning rate instead of the demo failing later.
     """
-    cfg, seed = settings[role], settings["seed"]
-    arch = {k: cfg[k] for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads")}
-    model_dir = build_model(out / f"{role}_init", out / "tokenizer", seed=seed, **arch)
+    cfg, seed = settings["teacher"], settings["seed"]
+    model_dir = build_model(out / "teacher_init", out / "tokenizer", seed=seed, **{k: cfg[k] for k in ARCH_KEYS})
     steps, lr = cfg["steps"], cfg["lr"]
-    for attempt in range(1 + (settings["teacher_extra_rounds"] if role == "teacher" else 0)):
+    for attempt in range(1 + settings["teacher_extra_rounds"]):
         model_dir = sft_train(
-            model_dir, out / role, examples, steps=steps, lr=lr, batch_size=settings["batch_size"], seed=seed + attempt
+            model_dir,
+            out / "teacher",
+            examples,
+            steps=steps,
+            lr=lr,
+            batch_size=settings["batch_size"],
+            seed=seed + attempt,
         ).path
         accuracy = evaluate_accuracy(model_dir, test)
-        print(f"[demo-models] {role}: greedy held-out accuracy {accuracy:.1%}", flush=True)
-        if role != "teacher" or accuracy >= settings["teacher_min_accuracy"]:
+        print(f"[demo-models] teacher: greedy held-out accuracy {accuracy:.1%}", flush=True)
+        if accuracy >= settings["teacher_min_accuracy"]:
             break
         steps, lr = max(1, cfg["steps"] // 2), cfg["lr"] / 3
     return accuracy
 
 
-def build_demo_models(out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
-    """Build (or reuse) tokenizer, data, teacher and student under ``out_dir``; return paths and accuracies.
+def _train_student(out: Path, kind: str, settings: dict[str, Any], test: Path) -> float:
+    """SFT the ``kind`` student (see the module doc) into ``out / f"student_{kind}"``; its greedy accuracy."""
+    cfg, seed, digits = settings["students"][kind], settings["seed"], settings["digits"]
+    if kind == "habit":
+        start_from = out / "teacher"
+        examples = _sft_examples(test, digits, seed, shift=cfg)
+        warmup = cfg["warmup_steps"]
+    else:
+        arch = {k: cfg[k] for k in ARCH_KEYS}
+        start_from = build_model(out / f"student_{kind}_init", out / "tokenizer", seed=seed, **arch)
+        examples = _sft_examples(test, digits, seed)
+        warmup = 50
+    role = f"student_{kind}"
+    path = sft_train(
+        start_from,
+        out / role,
+        examples,
+        steps=cfg["steps"],
+        lr=cfg["lr"],
+        batch_size=settings["batch_size"],
+        seed=seed,
+        warmup_steps=warmup,
+    ).path
+    accuracy = evaluate_accuracy(path, test)
+    print(f"[demo-models] {kind} student: greedy held-out accuracy {accuracy:.1%}", flush=True)
+    return accuracy
 
-    The returned dict has ``tokenizer``, ``train``, ``test``, ``teacher``, ``student`` (paths as strings),
-    ``teacher_accuracy`` and ``student_accuracy`` (greedy, on all of ``test``), the wall ``seconds`` of
-    each part, the ``settings`` used and ``cached`` (whether everything was reused).
+
+def build_demo_models(out_dir: str | Path, seed: int = 0, student: str = "habit") -> dict[str, Any]:
+    """Build (or reuse) tokenizer, data, teacher and the ``student`` kind under ``out_dir``.
+
+    Returns ``tokenizer``, ``train``, ``test``, ``teacher``, ``student`` (paths as strings),
+    ``teacher_accuracy`` and ``student_accuracy`` (greedy, on all of ``test``), ``student_kind``, the
+    wall ``seconds`` spent building now, the ``settings`` used and ``cached`` (whether nothing was built).
     """
+    if student not in STUDENTS:
+        raise ValueError(f"unknown demo student {student!r}: use one of {', '.join(STUDENTS)}")
     out = Path(out_dir)
     settings = {**DEMO_SETTINGS, "seed": seed}
-    result_path = out / RESULT_FILE
-    if result_path.exists():
-        stored = json.loads(result_path.read_text())
-        if stored["settings"] == settings and all(Path(stored[k]).exists() for k in ("teacher", "student", "test")):
-            return {**stored, "cached": True}
-
-    start = time.perf_counter()
-    build_tokenizer(out / "tokenizer", vocab_size=settings["vocab_size"], seed=seed)
-    train, test = build_dataset(
-        out / "data", n_train=settings["n_train"], n_test=settings["n_test"], seed=seed, digits=settings["digits"]
-    )
-    examples = _sft_examples(test, settings["digits"], seed)
-    result: dict[str, Any] = {"tokenizer": str(out / "tokenizer"), "train": str(train), "test": str(test)}
-    seconds = {"setup": time.perf_counter() - start}
-    for role in ("teacher", "student"):
+    data_key = {k: settings[k] for k in ("version", "vocab_size", "digits", "n_train", "n_test", "seed")}
+    teacher_key = {
+        **data_key,
+        **{k: settings[k] for k in ("batch_size", "teacher", "teacher_min_accuracy", "teacher_extra_rounds")},
+    }
+    student_key = {**teacher_key, "student": student, **settings["students"][student]}
+    test = out / "data" / "test.parquet"
+    result: dict[str, Any] = {
+        "tokenizer": str(out / "tokenizer"),
+        "train": str(out / "data" / "train.parquet"),
+        "test": str(test),
+        "teacher": str(out / "teacher"),
+        "student": str(out / f"student_{student}"),
+        "student_kind": student,
+        "settings": settings,
+    }
+    seconds: dict[str, float] = {}
+    teacher_accuracy = _cached(out, "teacher", teacher_key)
+    if teacher_accuracy is None:
         start = time.perf_counter()
-        result[f"{role}_accuracy"] = _train_role(out, role, settings, examples, test)
-        result[role] = str(out / role)
-        seconds[role] = time.perf_counter() - start
-    result.update(seconds=seconds, settings=settings)
-    result_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    return {**result, "cached": False}
+        build_tokenizer(out / "tokenizer", vocab_size=settings["vocab_size"], seed=seed)
+        build_dataset(
+            out / "data", n_train=settings["n_train"], n_test=settings["n_test"], seed=seed, digits=settings["digits"]
+        )
+        teacher_accuracy = _train_teacher(out, settings, _sft_examples(test, settings["digits"], seed), test)
+        seconds["teacher"] = time.perf_counter() - start
+        _store(out, "teacher", teacher_key, teacher_accuracy, seconds["teacher"])
+    student_accuracy = _cached(out, f"student_{student}", student_key)
+    if student_accuracy is None:
+        start = time.perf_counter()
+        student_accuracy = _train_student(out, student, settings, test)
+        seconds["student"] = time.perf_counter() - start
+        _store(out, f"student_{student}", student_key, student_accuracy, seconds["student"])
+    return {
+        **result,
+        "teacher_accuracy": teacher_accuracy,
+        "student_accuracy": student_accuracy,
+        "seconds": seconds,
+        "cached": not seconds,
+    }
