@@ -24,13 +24,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import date
 from pathlib import Path
 
 import psutil
 
+from process_tree import PeakTreeRSS  # benchmarks/ is on sys.path when this file is run
 from verl_opd.console_metrics import parse_step_metrics
 
 RESULTS = Path(__file__).parent / "results"
@@ -74,16 +74,6 @@ def common_args(assets: dict[str, Path], steps: int) -> list[str]:
     ]
 
 
-def _tree_rss(root: psutil.Process) -> int:
-    total = 0
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            total += proc.memory_info().rss
-        except psutil.Error:
-            continue
-    return total
-
-
 def measure(args: list[str], cwd: Path) -> dict[str, float]:
     """Run one ``main_ppo`` and measure it from outside."""
     start = time.monotonic()
@@ -94,28 +84,13 @@ def measure(args: list[str], cwd: Path) -> dict[str, float]:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    peak = 0
-    done = threading.Event()
-    # ray.init starts Ray's daemons as children of the driver and workers are children of the raylet,
-    # so the driver's process tree is the whole run.
-    watched = psutil.Process(proc.pid)
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, _tree_rss(watched))
-            time.sleep(0.5)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     lines, first_step = [], None
-    for line in proc.stdout:
-        lines.append(line)
-        if first_step is None and "step:1 -" in line:
-            first_step = time.monotonic() - start
-    proc.wait()
-    done.set()
-    sampler.join()
+    with PeakTreeRSS(proc.pid) as memory:
+        for line in proc.stdout:
+            lines.append(line)
+            if first_step is None and "step:1 -" in line:
+                first_step = time.monotonic() - start
+        proc.wait()
     if proc.returncode != 0:
         raise RuntimeError("main_ppo failed:\n" + "".join(lines[-40:]))
     steps = parse_step_metrics("".join(lines))
@@ -125,7 +100,7 @@ def measure(args: list[str], cwd: Path) -> dict[str, float]:
         "first_step_s": round(steps[1]["timing_s/step"], 2),
         "step_time_median_s": round(statistics.median(step_times), 3),
         "total_wall_s": round(time.monotonic() - start, 1),
-        "peak_rss_gib": round(peak / 2**30, 2),
+        "peak_rss_gib": round(memory.peak_gib, 2),
         "steps": len(steps),
     }
 

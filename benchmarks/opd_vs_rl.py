@@ -37,7 +37,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from datetime import date
 from pathlib import Path
@@ -45,6 +44,7 @@ from typing import Any
 
 import psutil
 
+from process_tree import PeakTreeRSS  # benchmarks/ is on sys.path when this file is run
 from verl_opd.console_metrics import parse_step_metrics
 
 RESULTS = Path(__file__).parent / "results"
@@ -55,54 +55,26 @@ RUN_TIMEOUT_S = 1800
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-def _tree_rss(root: psutil.Process) -> int:
-    total = 0
-    try:
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    for proc in procs:
-        try:
-            total += proc.memory_info().rss
-        except psutil.Error:
-            continue
-    return total
-
-
 def run_measured(command: list[str], cwd: Path, log_path: Path) -> tuple[int, str, float, float]:
     """Run ``command`` (output to ``log_path``); (exit code, output, wall seconds, peak tree RSS in GiB)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
     start = time.monotonic()
-    peak = 0
-    done = threading.Event()
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
         proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        watched = psutil.Process(proc.pid)
-
-        def sample() -> None:
-            nonlocal peak
-            while not done.is_set():
-                peak = max(peak, _tree_rss(watched))
-                time.sleep(0.5)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        try:
-            proc.wait(timeout=RUN_TIMEOUT_S)
-        except BaseException as error:  # a timeout, or Ctrl-C: stop the whole tree this run started
+        with PeakTreeRSS(proc.pid) as memory:
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-            if not isinstance(error, subprocess.TimeoutExpired):
-                raise
-        finally:
-            done.set()
-            sampler.join()
-    return proc.returncode, log_path.read_text(errors="replace"), time.monotonic() - start, peak / 2**30
+                proc.wait(timeout=RUN_TIMEOUT_S)
+            except BaseException as error:  # a timeout, or Ctrl-C: stop the whole tree this run started
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+                if not isinstance(error, subprocess.TimeoutExpired):
+                    raise
+    return proc.returncode, log_path.read_text(errors="replace"), time.monotonic() - start, memory.peak_gib
 
 
 # ---------------------------------------------------------------------------------------------- verl runs
@@ -425,7 +397,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> str:
     return text
 
 
-def targets(methods: dict[str, Any], grpo_steps: int) -> list[str]:
+def targets(methods: dict[str, Any], grpo_run_steps: int) -> list[str]:
     def get(name: str, key: str) -> Any:
         m = methods.get(name)
         return None if m is None or m.get("error") else m.get(key)
@@ -439,11 +411,11 @@ def targets(methods: dict[str, Any], grpo_steps: int) -> list[str]:
             f"{'met' if ratio >= 5 else 'NOT met'}"
         )
     elif opd_steps is not None and get("grpo", "final_accuracy") is not None:
-        bound = grpo_steps / max(opd_steps, 1)
+        bound = grpo_run_steps / max(opd_steps, 1)
         verdict = "met" if bound >= 5 else "undetermined (the run is too short to tell)"
         out.append(
             f"OPD reaches 90% of teacher in >= 5x fewer steps than GRPO: OPD {opd_steps:g} steps, GRPO not within "
-            f"{grpo_steps} steps, so the ratio is > {bound:.1f}x -> {verdict}"
+            f"{grpo_run_steps} steps, so the ratio is > {bound:.1f}x -> {verdict}"
         )
     else:
         out.append("OPD reaches 90% of teacher in >= 5x fewer steps than GRPO: not measurable (OPD did not reach it)")

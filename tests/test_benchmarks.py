@@ -1,0 +1,149 @@
+"""The benchmarks' machinery: memory sampling, and ``opd_vs_rl``'s run configurations and summary arithmetic.
+
+The benchmark itself takes about an hour on 2 cores, so it is not run here. What can be checked cheaply:
+every verl-based method composes (Hydra), passes verl-opd's driver hook and verl's own ``validate_config``,
+samples the same number of responses per step, and the per-seed / per-method summary and the target
+verdicts follow from the curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from verl_opd.cpu.settings import CPU_ENV
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = {"opd", "grpo", "sft", "verl_distill"}  # the issue's required keys
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # verl's optional engines
+
+
+def test_peak_tree_rss_sees_a_grandchild(bench) -> None:
+    """The peak counts descendants (Ray workers are grandchildren of main_ppo's driver), not only the root."""
+    from process_tree import PeakTreeRSS  # importable while the bench fixture holds benchmarks/ on sys.path
+
+    grandchild = "import time; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(2)"
+    child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {grandchild!r}])"
+    proc = subprocess.Popen([sys.executable, "-c", child])
+    with PeakTreeRSS(proc.pid, interval_s=0.1) as memory:
+        proc.wait()
+    assert memory.peak_gib > 0.25
+
+
+@pytest.fixture(scope="module")
+def bench() -> Iterator[ModuleType]:
+    """The benchmark script as a module (it imports its sibling ``process_tree``, as when it is run)."""
+    benchmarks = str(REPO / "benchmarks")
+    sys.path.insert(0, benchmarks)
+    try:
+        spec = importlib.util.spec_from_file_location("opd_vs_rl", REPO / "benchmarks" / "opd_vs_rl.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(benchmarks)
+
+
+def _opts(**changes: object) -> argparse.Namespace:
+    base = {"prompts": 16, "response_length": 16, "lr": 3e-4, "warmup_steps": 0, "steps": 40, "grpo_steps": 100}
+    return argparse.Namespace(**{**base, "test_freq": 5, **changes})
+
+
+@pytest.mark.parametrize("method", ["opd", "grpo", "verl_distill"])
+def test_verl_methods_are_valid_configs_with_equal_samples(bench, method, tiny, tmp_path, monkeypatch) -> None:
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    from verl_opd.doctor import compose_opd_config
+    from verl_opd.driver import configure
+
+    for name in CPU_ENV:
+        monkeypatch.setenv(name, "unset-by-test")  # configure() exports the CPU platform; restored after
+    monkeypatch.chdir(tmp_path)
+    models = {role: str(getattr(tiny, role)) for role in ("student", "teacher", "train", "test")}
+    config = compose_opd_config(bench.verl_args(method, models, _opts(), seed=3, out=tmp_path), "ppo_trainer")
+    configure(config)
+    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+
+    arr = config.actor_rollout_ref
+    assert config.data.train_batch_size * arr.rollout.n == 16  # the equal-cost rule
+    assert config.trainer.total_training_steps == (100 if method == "grpo" else 40)
+    assert arr.model.path == str(tiny.student) and arr.actor.optim.lr == pytest.approx(3e-4)
+    assert config.data.seed == 3 and arr.rollout.name == "hf"
+    if method == "opd":
+        assert config.algorithm.adv_estimator == "opd" and config.trainer.v1.trainer_mode == "opd"
+        assert config.opd.teacher.model_path == str(tiny.teacher) and not config.distillation.enabled
+    elif method == "grpo":
+        assert config.algorithm.adv_estimator == "grpo" and arr.rollout.n == 4
+        assert not config.distillation.enabled and not need_reference_policy(config)
+    else:
+        loss = config.distillation.distillation_loss
+        assert config.distillation.enabled and loss.loss_mode == "k1" and loss.use_policy_gradient
+        assert not loss.use_task_rewards
+        assert config.distillation.teacher_models.teacher_model.model_path == str(tiny.teacher)
+
+
+def test_finish_run_reads_the_curve(bench) -> None:
+    raw = {
+        "accuracy": {0: 0.2, 5: 0.8, 10: 0.9, 15: 0.85},
+        "step_time": {1: 9.0, 2: 3.0, 3: 3.2, 4: 2.8},
+        "wall_s": 100.0,
+        "peak_rss_gib": 5.0,
+        "response_tokens_mean": 5.5,
+    }
+    run = bench.finish_run(raw, teacher_accuracy=1.0, seed=7, common_step=5)
+    assert run["steps_to_90pct_teacher"] == 10  # first validation at >= 0.9 * teacher
+    assert run["train_wall_s_to_90pct_teacher"] == pytest.approx(18.0)  # every step up to 10 that was timed
+    assert run["final_accuracy"] == 0.85 and run["final_step"] == 15 and run["accuracy_at_common_step"] == 0.8
+    assert run["step_time_s"] == pytest.approx(3.0)  # median without the first (warm-up) step
+    never = bench.finish_run({**raw, "accuracy": {0: 0.2, 5: 0.5}}, 1.0, 7, 5)
+    assert never["steps_to_90pct_teacher"] is None and never["train_wall_s_to_90pct_teacher"] is None
+    assert bench.finish_run({"error": "boom"}, 1.0, 7, 5) == {"seed": 7, "error": "boom"}
+
+
+def test_summary_median_counts_misses_and_targets(bench) -> None:
+    def run(seed: int, reached: int | None, step_time: float) -> dict:
+        return {
+            "seed": seed,
+            "steps_to_90pct_teacher": reached,
+            "train_wall_s_to_90pct_teacher": None if reached is None else 3.0 * reached,
+            "final_accuracy": 0.9,
+            "final_step": 40,
+            "accuracy_at_common_step": 0.9,
+            "step_time_s": step_time,
+            "peak_rss_gib": 5.0,
+        }
+
+    opd = bench.summarize_method([run(0, 5, 3.0), run(1, 10, 3.0), run(2, None, 3.0)])
+    assert opd["steps_to_90pct_teacher"] == 10 and opd["seeds_reaching_90pct_teacher"] == "2/3"
+    grpo_misses = bench.summarize_method([run(0, None, 2.5), run(1, None, 2.5), run(2, 60, 2.5)])
+    assert grpo_misses["steps_to_90pct_teacher"] is None  # most seeds never reached it
+
+    verdicts = bench.targets({"opd": opd, "grpo": grpo_misses}, grpo_run_steps=100)
+    assert "ratio is > 10.0x -> met" in verdicts[0]
+    assert "3.000 s vs 2.500 s = 1.20x -> met" in verdicts[1]
+    assert "verl_distill has no result" in verdicts[2]
+    grpo_reaches = bench.summarize_method([run(0, 20, 2.0), run(1, 30, 2.0), run(2, 40, 2.0)])
+    verdicts = bench.targets({"opd": opd, "grpo": grpo_reaches}, grpo_run_steps=100)
+    assert verdicts[0].endswith("3.0x -> NOT met") and verdicts[1].endswith("1.50x -> NOT met")
+
+
+def test_readme_shows_the_recorded_opd_vs_rl_table() -> None:
+    """The README's table is the one the benchmark last wrote (not a hand-edited or stale copy)."""
+    recorded = (REPO / "benchmarks" / "results" / "opd_vs_rl.md").read_text()
+    json_result = json.loads((REPO / "benchmarks" / "results" / "opd_vs_rl.json").read_text())
+    readme = (REPO / "README.md").read_text()
+    rows = [line for line in recorded.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + len(json_result["methods"]) and set(json_result["methods"]) == set(METHODS)
+    for line in rows + [line for line in recorded.splitlines() if line.startswith("- OPD ")]:
+        assert line in readme.splitlines(), line
+    assert json_result["date"] in readme and f"{json_result['teacher_accuracy']:.3f}" in recorded
