@@ -46,6 +46,7 @@ import psutil
 
 from process_tree import PeakTreeRSS  # benchmarks/ is on sys.path when this file is run
 from verl_opd.console_metrics import parse_step_metrics
+from verl_opd.demo import STUDENT_STORY
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("opd", "grpo", "sft", "verl_distill")
@@ -477,7 +478,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4, help="student lr of the verl methods")
     parser.add_argument("--sft-lr", type=float, default=3e-4, help="student lr of the SFT baseline")
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear lr warm-up (all methods)")
-    parser.add_argument("--student", default="habit", choices=("habit", "small"), help="the demo's student kinds")
+    parser.add_argument("--student", default="habit", choices=tuple(STUDENT_STORY), help="the demo's student kind")
     parser.add_argument("--models-dir", default=None, help="demo models cache (default <workdir>/models)")
     parser.add_argument("--workdir", default="/tmp/verl-opd-bench", help="models (cached), per-run logs")
     parser.add_argument("--models-seed", type=int, default=0, help="seed of the demo teacher/student build")

@@ -63,9 +63,11 @@ def test_verl_methods_are_valid_configs_with_equal_samples(bench, method, tiny, 
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
 
+    from verl_opd.cpu import register
     from verl_opd.doctor import compose_opd_config
     from verl_opd.driver import configure
 
+    register()  # idempotent; another test module's import order may have left verl without the cpu platform
     for name in CPU_ENV:
         monkeypatch.setenv(name, "unset-by-test")  # configure() exports the CPU platform; restored after
     monkeypatch.chdir(tmp_path)

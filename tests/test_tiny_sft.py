@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from verl.utils.reward_score import gsm8k
 
+from verl_opd.demo import STUDENT_STORY
 from verl_opd.tiny import demo_models
 from verl_opd.tiny.evaluate import evaluate_accuracy, score_completions
 from verl_opd.tiny.model import build_model
@@ -139,6 +140,7 @@ def test_build_demo_models_shares_tokenizer_and_caches(tmp_path: Path, monkeypat
         demo_models.build_demo_models(tmp_path, seed=1)  # other settings: rebuild
     with pytest.raises(ValueError, match="habit, small"):
         demo_models.build_demo_models(tmp_path, student="tiny")
+    assert set(STUDENT_STORY) == set(demo_models.STUDENTS)  # the CLI's choices are the kinds it can build
 
 
 def test_habit_examples_shift_a_seeded_fraction_of_answers(tmp_path: Path) -> None:

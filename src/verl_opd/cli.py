@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from verl_opd.demo import add_demo_parser
+from verl_opd.demo import STUDENT_STORY, add_demo_parser
 from verl_opd.doctor import add_doctor_parser
 
 
@@ -98,7 +98,7 @@ def add_tiny_parser(subparsers: argparse._SubParsersAction) -> None:
     p = leaves.add_parser("demo-models", help="build (or reuse) the demo's SFT teacher and weaker student")
     p.add_argument("--out", required=True, help="output directory (also the cache)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--student", choices=("habit", "small"), default="habit", help="which student kind to build")
+    p.add_argument("--student", choices=tuple(STUDENT_STORY), default="habit", help="which student kind to build")
     p.set_defaults(func=_tiny_demo_models)
 
 
