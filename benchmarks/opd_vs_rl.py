@@ -46,7 +46,7 @@ import psutil
 
 from process_tree import PeakTreeRSS  # benchmarks/ is on sys.path when this file is run
 from verl_opd.console_metrics import parse_step_metrics
-from verl_opd.demo import STUDENT_STORY
+from verl_opd.demo import STUDENT_STORY, val_accuracy
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("opd", "grpo", "sft", "verl_distill")
@@ -140,11 +140,6 @@ def verl_args(method: str, models: dict[str, Any], opts: argparse.Namespace, see
     else:
         raise ValueError(method)
     return args
-
-
-def val_accuracy(metrics: dict[str, float]) -> float | None:
-    keys = sorted(k for k in metrics if k.startswith("val-core/") and "/mean@" in k)
-    return metrics[keys[0]] if keys else None
 
 
 def run_verl(method: str, models: dict[str, Any], opts: argparse.Namespace, seed: int, out: Path) -> dict[str, Any]:

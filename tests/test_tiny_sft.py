@@ -112,7 +112,9 @@ def test_build_demo_models_shares_tokenizer_and_caches(tmp_path: Path, monkeypat
     tiny = {"hidden_size": 32, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2, "steps": 3, "lr": 1e-3}
     habit = {**demo_models.DEMO_SETTINGS["students"]["habit"], "steps": 3}
     settings = {**demo_models.DEMO_SETTINGS, "digits": 1, "n_train": 20, "n_test": 10}
-    settings.update(teacher=tiny, students={"habit": habit, "small": tiny}, teacher_min_accuracy=0.0)
+    settings.update(
+        teacher=tiny, students={"habit": habit, "small": {**tiny, "warmup_steps": 1}}, teacher_min_accuracy=0.0
+    )
     monkeypatch.setattr(demo_models, "DEMO_SETTINGS", settings)
     built = demo_models.build_demo_models(tmp_path)
     assert not built["cached"] and set(built["seconds"]) == {"teacher", "student"}

@@ -46,7 +46,15 @@ DEMO_SETTINGS: dict[str, Any] = {
     "teacher_extra_rounds": 2,
     "students": {
         "habit": {"wrong_fraction": 0.7, "offset": 1, "steps": 60, "lr": 1e-3, "warmup_steps": 10},
-        "small": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "steps": 225, "lr": 3e-3},
+        "small": {
+            "hidden_size": 64,
+            "num_layers": 2,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+            "steps": 225,
+            "lr": 3e-3,
+            "warmup_steps": 50,
+        },
     },
 }
 STUDENTS = tuple(DEMO_SETTINGS["students"])
@@ -121,12 +129,10 @@ def _train_student(out: Path, kind: str, settings: dict[str, Any], test: Path) -
     if kind == "habit":
         start_from = out / "teacher"
         examples = _sft_examples(test, digits, seed, shift=cfg)
-        warmup = cfg["warmup_steps"]
     else:
         arch = {k: cfg[k] for k in ARCH_KEYS}
         start_from = build_model(out / f"student_{kind}_init", out / "tokenizer", seed=seed, **arch)
         examples = _sft_examples(test, digits, seed)
-        warmup = 50
     role = f"student_{kind}"
     path = sft_train(
         start_from,
@@ -136,7 +142,7 @@ def _train_student(out: Path, kind: str, settings: dict[str, Any], test: Path) -
         lr=cfg["lr"],
         batch_size=settings["batch_size"],
         seed=seed,
-        warmup_steps=warmup,
+        warmup_steps=cfg["warmup_steps"],
     ).path
     accuracy = evaluate_accuracy(path, test)
     print(f"[demo-models] {kind} student: greedy held-out accuracy {accuracy:.1%}", flush=True)
