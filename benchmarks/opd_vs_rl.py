@@ -46,7 +46,7 @@ import psutil
 
 from process_tree import PeakTreeRSS  # benchmarks/ is on sys.path when this file is run
 from verl_opd.console_metrics import parse_step_metrics
-from verl_opd.demo import STUDENT_STORY, val_accuracy
+from verl_opd.demo import STUDENT_STORY, cpu_run_args, opd_args, validation_curve
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("opd", "grpo", "sft", "verl_distill")
@@ -87,39 +87,24 @@ def method_steps(method: str, opts: argparse.Namespace) -> int:
 def verl_args(method: str, models: dict[str, Any], opts: argparse.Namespace, seed: int, out: Path) -> list[str]:
     """Overrides of ``main_ppo`` for one verl-based method; equal sampled responses per step (P)."""
     prompts, n = (opts.prompts // GRPO_N, GRPO_N) if method == "grpo" else (opts.prompts, 1)
-    samples = prompts * n
-    args = [
-        "trainer.device=cpu",
-        f"actor_rollout_ref.model.path={models['student']}",
-        f"data.train_files={models['train']}",
-        f"data.val_files={models['test']}",
-        f"data.train_batch_size={prompts}",
-        "data.max_prompt_length=64",
-        f"data.max_response_length={opts.response_length}",
-        f"data.seed={seed}",
-        f"actor_rollout_ref.rollout.n={n}",
-        f"actor_rollout_ref.rollout.seed={seed}",
-        f"actor_rollout_ref.actor.ppo_mini_batch_size={prompts}",
-        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={samples}",
-        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={samples}",
-        f"actor_rollout_ref.actor.optim.lr={opts.lr}",
-        f"actor_rollout_ref.actor.optim.lr_warmup_steps={opts.warmup_steps}",
-        "actor_rollout_ref.actor.optim.weight_decay=0",
-        "actor_rollout_ref.actor.use_kl_loss=False",
-        "trainer.n_gpus_per_node=1",
-        "trainer.nnodes=1",
-        f"trainer.total_training_steps={method_steps(method, opts)}",
-        "trainer.total_epochs=100000",  # the step count decides
-        "trainer.logger=console",
-        "trainer.val_before_train=True",
-        f"trainer.test_freq={opts.test_freq}",
-        "trainer.save_freq=-1",
-        f"trainer.default_local_dir={out / 'checkpoints'}",
-        "trainer.project_name=verl-opd-bench",
-        f"trainer.experiment_name={method}-seed{seed}",
-    ]
+    args = cpu_run_args(
+        models["student"],
+        models["train"],
+        models["test"],
+        method_steps(method, opts),
+        seed,
+        prompts=prompts,
+        n=n,
+        lr=opts.lr,
+        warmup_steps=opts.warmup_steps,
+        test_freq=opts.test_freq,
+        response_length=opts.response_length,
+        checkpoint_dir=out / "checkpoints",
+        project="verl-opd-bench",
+        experiment=method,
+    )
     if method == "opd":
-        args += ["algorithm.adv_estimator=opd", f"+opd.teacher.model_path={models['teacher']}"]
+        args += opd_args(models["teacher"])
     elif method == "grpo":
         args += ["algorithm.adv_estimator=grpo"]
     elif method == "verl_distill":
@@ -149,7 +134,7 @@ def run_verl(method: str, models: dict[str, Any], opts: argparse.Namespace, seed
     if code != 0 or not any(s > 0 for s in steps):
         tail = "\n".join(output.splitlines()[-25:])
         return {"error": f"main_ppo exit code {code}, {len(steps)} step lines; log {out / 'run.log'}\n{tail}"}
-    accuracy = {s: val_accuracy(m) for s, m in sorted(steps.items()) if val_accuracy(m) is not None}
+    accuracy = validation_curve(steps)
     train_steps = sorted(s for s in steps if s > 0)
     step_time = {s: steps[s].get("timing_s/step", float("nan")) for s in train_steps}
     # both are the mean over response tokens of log p_student - log p_teacher at the sampled tokens

@@ -81,7 +81,7 @@ def test_opd_stock_config_learns_saves_and_resumes(tiny, trained_pair, cpu_args,
     assert sorted(resumed.steps) == [LEARN_STEPS + 1, LEARN_STEPS + 2], resumed.tail()
     for step, m in resumed.steps.items():
         # per sequence: sum_t r_t = -kl_coef * sum_t d_t + task_reward_coef * R  (verl logs the mean of sum_t r_t)
-        assert m["critic/score/max"] > 0, step
+        assert m["critic/score/min"] > 0, step  # the reward is never zero, so the identity below tests the mix
         expected = -m["opd/reverse_kl_per_seq"] + TASK_COEF * m["critic/score/mean"]
         assert m["critic/rewards/mean"] == pytest.approx(expected, abs=1e-4), step
 

@@ -63,35 +63,43 @@ def _print(line: str) -> None:
     print(line, flush=True)
 
 
-def main_ppo_args(
-    models: dict[str, Any],
+def cpu_run_args(
+    student: str | Path,
+    train: str | Path,
+    test: str | Path,
     steps: int,
     seed: int,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    prompts: int,
+    n: int = DEFAULT_N,
     lr: float = DEFAULT_LR,
+    warmup_steps: int = DEFAULT_WARMUP_STEPS,
     test_freq: int = DEFAULT_TEST_FREQ,
     response_length: int = DEFAULT_RESPONSE_LENGTH,
     checkpoint_dir: str | Path = "checkpoints",
-    n: int = DEFAULT_N,
-    warmup_steps: int = DEFAULT_WARMUP_STEPS,
+    project: str = "verl-opd-demo",
+    experiment: str = "opd",
 ) -> list[str]:
-    """Hydra overrides of the demo's ``main_ppo`` run (stock ``ppo_trainer`` config + OPD)."""
+    """Overrides of a ``main_ppo`` run on CPU over the demo's task, whatever the algorithm.
+
+    One PPO update per step (mini-batch = the whole batch), no KL loss, verl's greedy validation at step 0 and
+    every ``test_freq`` steps. The demo and ``benchmarks/opd_vs_rl.py`` both build their runs from this, so
+    the methods compared there differ only in the lines each adds.
+    """
+    samples = prompts * n
     return [
         "trainer.device=cpu",
-        "algorithm.adv_estimator=opd",
-        f"+opd.teacher.model_path={models['teacher']}",
-        f"actor_rollout_ref.model.path={models['student']}",
-        f"data.train_files={models['train']}",
-        f"data.val_files={models['test']}",
-        f"data.train_batch_size={batch_size}",
+        f"actor_rollout_ref.model.path={student}",
+        f"data.train_files={train}",
+        f"data.val_files={test}",
+        f"data.train_batch_size={prompts}",
         "data.max_prompt_length=64",
         f"data.max_response_length={response_length}",
         f"data.seed={seed}",
         f"actor_rollout_ref.rollout.n={n}",
         f"actor_rollout_ref.rollout.seed={seed}",
-        f"actor_rollout_ref.actor.ppo_mini_batch_size={batch_size}",
-        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={batch_size * n}",
-        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={batch_size * n}",
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={prompts}",
+        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={samples}",
+        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={samples}",
         f"actor_rollout_ref.actor.optim.lr={lr}",
         f"actor_rollout_ref.actor.optim.lr_warmup_steps={warmup_steps}",
         "actor_rollout_ref.actor.optim.weight_decay=0",
@@ -105,15 +113,55 @@ def main_ppo_args(
         f"trainer.test_freq={test_freq}",
         "trainer.save_freq=-1",
         f"trainer.default_local_dir={checkpoint_dir}",
-        "trainer.project_name=verl-opd-demo",
-        f"trainer.experiment_name=opd-seed{seed}",
+        f"trainer.project_name={project}",
+        f"trainer.experiment_name={experiment}-seed{seed}",
     ]
+
+
+def opd_args(teacher: str | Path) -> list[str]:
+    """The two lines that turn a stock ``ppo_trainer`` run into OPD against ``teacher`` (in verl's ref slot)."""
+    return ["algorithm.adv_estimator=opd", f"+opd.teacher.model_path={teacher}"]
+
+
+def main_ppo_args(
+    models: dict[str, Any],
+    steps: int,
+    seed: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr: float = DEFAULT_LR,
+    test_freq: int = DEFAULT_TEST_FREQ,
+    response_length: int = DEFAULT_RESPONSE_LENGTH,
+    checkpoint_dir: str | Path = "checkpoints",
+    n: int = DEFAULT_N,
+    warmup_steps: int = DEFAULT_WARMUP_STEPS,
+) -> list[str]:
+    """Hydra overrides of the demo's ``main_ppo`` run (stock ``ppo_trainer`` config + OPD)."""
+    return cpu_run_args(
+        models["student"],
+        models["train"],
+        models["test"],
+        steps,
+        seed,
+        prompts=batch_size,
+        n=n,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        test_freq=test_freq,
+        response_length=response_length,
+        checkpoint_dir=checkpoint_dir,
+    ) + opd_args(models["teacher"])
 
 
 def val_accuracy(metrics: dict[str, float]) -> float | None:
     """verl's core validation metric of a step (mean greedy score over the held-out set), if it has one."""
     keys = sorted(k for k in metrics if k.startswith(VAL_PREFIX) and "/mean@" in k)
     return metrics[keys[0]] if keys else None
+
+
+def validation_curve(steps: dict[int, dict[str, float]]) -> dict[int, float]:
+    """Step -> verl's validation accuracy, for the steps that validated."""
+    curve = {s: val_accuracy(m) for s, m in sorted(steps.items())}
+    return {s: v for s, v in curve.items() if v is not None}
 
 
 def _step_line(step: int, steps: int, metrics: dict[str, float], last_time: list[float]) -> str:
@@ -187,7 +235,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def summarize(models: dict[str, Any], steps: dict[int, dict[str, float]]) -> dict[str, Any]:
     """The demo's numbers: per-step series and the teacher / student-before / student-after rows."""
     train_steps = sorted(s for s in steps if s > 0 and KL_KEY in steps[s])
-    val = {s: val_accuracy(m) for s, m in sorted(steps.items()) if val_accuracy(m) is not None}
+    val = validation_curve(steps)
     kl = {s: steps[s][KL_KEY] for s in train_steps}
     step_times = [steps[s]["timing_s/step"] for s in train_steps[1:] if "timing_s/step" in steps[s]]
     first_val, last_val = (min(val), max(val)) if val else (None, None)
@@ -201,8 +249,9 @@ def summarize(models: dict[str, Any], steps: dict[int, dict[str, float]]) -> dic
         "student_after": {
             "accuracy": val[last_val] if val else None,
             "accuracy_step": last_val,
-            "reverse_kl": kl[train_steps[-1]] if train_steps else None,
-            "reverse_kl_step": train_steps[-1] if train_steps else None,
+            # the per-step value is a one-sample-per-token estimate: the table reports the mean of the last steps
+            "reverse_kl": moving_average([kl[s] for s in train_steps], KL_SMOOTHING)[-1] if train_steps else None,
+            "reverse_kl_steps": train_steps[-KL_SMOOTHING:],
         },
         "student_accuracy_at_build": models["student_accuracy"],
         "val_accuracy": {str(s): v for s, v in val.items()},
@@ -221,6 +270,9 @@ def format_table(summary: dict[str, Any]) -> str:
     for name, key in zip(TABLE_ROWS, ("teacher", "student_before", "student_after"), strict=True):
         row = summary[key]
         lines.append(f"{name:<16}{cell(row['accuracy'], 10)}{cell(row['reverse_kl'], 12)}")
+    kl_steps = summary["student_after"].get("reverse_kl_steps") or []
+    if kl_steps:
+        lines.append(f"(reverse KL before: step 1; after: mean of steps {kl_steps[0]}-{kl_steps[-1]})")
     return "\n".join(lines)
 
 
