@@ -20,8 +20,9 @@ their accuracy is verl's greedy validation on the held-out set (step 0 and every
 ``sft`` is graded by :func:`verl_opd.tiny.evaluate.evaluate_accuracy` (greedy, the same grader and set).
 
 Per run: steps and training wall time to reach 90% of the teacher's accuracy, final accuracy, median step
-time (verl's ``timing_s/step`` over steps >= 2; verl's replay buffer polls every 2 s, which floors a tiny
-step) and peak RSS of the whole process tree. Writes ``benchmarks/results/opd_vs_rl.{json,md,png}``.
+time (verl's ``timing_s/step`` over steps >= 2, and each stage's ``timing_s/<stage>``) and peak RSS of the
+whole process tree. Every verl method polls for finished rollouts every ``--poll-s`` seconds. Writes
+``benchmarks/results/opd_vs_rl.{json,md,png}``.
 Not a test.
 
     python benchmarks/opd_vs_rl.py [--seeds 0 1 2] [--steps 30] [--methods opd grpo sft verl_distill]
@@ -52,6 +53,9 @@ RESULTS = Path(__file__).parent / "results"
 METHODS = ("opd", "grpo", "sft", "verl_distill")
 TARGET_FRACTION = 0.9
 GRPO_N = 4
+QUICK_POLL_SAMPLER = Path(__file__).resolve().parent / "quick_poll_sampler.py"
+# verl's per-stage timers of a step (timing_s/<stage>); their sum is about timing_s/step
+STAGES = ("gen", "old_log_prob", "ref", "adv", "update_actor", "update_weights")
 RUN_TIMEOUT_S = 1800
 
 
@@ -104,8 +108,14 @@ def verl_args(method: str, models: dict[str, Any], opts: argparse.Namespace, see
         experiment=method,
     )
     if method == "opd":
-        args += opd_args(models["teacher"])
-    elif method == "grpo":
+        return args + opd_args(models["teacher"]) + [f"+opd.sampler_poll_s={opts.poll_s}"]
+    # verl's own trainers: the same poll interval through verl's custom-sampler hook
+    args += [
+        f"trainer.v1.sampler.custom_sampler.path={QUICK_POLL_SAMPLER}",
+        "trainer.v1.sampler.custom_sampler.name=QuickPollReplayBuffer",
+        f"+trainer.v1.sampler.sampler_kwargs.poll_interval_s={opts.poll_s}",
+    ]
+    if method == "grpo":
         args += ["algorithm.adv_estimator=grpo"]
     elif method == "verl_distill":
         args += [
@@ -137,6 +147,10 @@ def run_verl(method: str, models: dict[str, Any], opts: argparse.Namespace, seed
     accuracy = validation_curve(steps)
     train_steps = sorted(s for s in steps if s > 0)
     step_time = {s: steps[s].get("timing_s/step", float("nan")) for s in train_steps}
+    stage_time = {
+        stage: [steps[s][f"timing_s/{stage}"] for s in train_steps[1:] if f"timing_s/{stage}" in steps[s]]
+        for stage in STAGES
+    }
     # both are the mean over response tokens of log p_student - log p_teacher at the sampled tokens
     kl_key = {"opd": "opd/reverse_kl", "verl_distill": "actor/distillation/loss"}.get(method)
     extra = {}
@@ -146,6 +160,8 @@ def run_verl(method: str, models: dict[str, Any], opts: argparse.Namespace, seed
     return {
         "accuracy": accuracy,
         "step_time": step_time,
+        # median over steps >= 2 of each stage verl timed
+        "stage_time_s": {k: round(statistics.median(v), 3) for k, v in stage_time.items() if v},
         "response_tokens_mean": statistics.mean(tokens) if tokens else None,
         "wall_s": wall,
         "peak_rss_gib": peak,
@@ -294,6 +310,8 @@ def finish_run(raw: dict[str, Any], teacher_accuracy: float, seed: int, common_s
         "response_tokens_mean": round(raw["response_tokens_mean"], 2) if raw.get("response_tokens_mean") else None,
         "accuracy_curve": {str(s): round(v, 4) for s, v in sorted(accuracy.items())},
     }
+    if "stage_time_s" in raw:
+        result["stage_time_s"] = raw["stage_time_s"]
     if "reverse_kl" in raw:
         result["reverse_kl_curve"] = {str(s): round(v, 5) for s, v in sorted(raw["reverse_kl"].items())}
     return result
@@ -327,6 +345,11 @@ def summarize_method(seeds: list[dict[str, Any]]) -> dict[str, Any]:
         "accuracy_at_common_step": _mean_or_none([r.get("accuracy_at_common_step") for r in ok]),
         "step_time_s": round(statistics.median(r["step_time_s"] for r in ok), 3),
         "peak_rss_gib": max(r["peak_rss_gib"] for r in ok),
+        "stage_time_s": {
+            stage: round(statistics.median(r["stage_time_s"][stage] for r in ok), 3)
+            for stage in STAGES
+            if all(stage in r.get("stage_time_s", {}) for r in ok)
+        },
         "seeds": seeds,
     }
 
@@ -369,6 +392,16 @@ def write_markdown(result: dict[str, Any], path: Path) -> str:
             f"{m['final_accuracy']:.3f} [{lo:.3f}, {hi:.3f}] at {m['final_step']} | "
             f"{m['step_time_s']} | {m['peak_rss_gib']} |"
         )
+    staged = {n: m["stage_time_s"] for n, m in result["methods"].items() if m.get("stage_time_s")}
+    if staged:
+        lines += [
+            "",
+            "Where a step's time goes (verl's `timing_s/<stage>`, median s over steps >= 2 and seeds):",
+            "",
+            "| method | " + " | ".join(STAGES) + " |",
+            "|---|" + "---|" * len(STAGES),
+            *(f"| {n} | " + " | ".join(_fmt(t.get(stage)) for stage in STAGES) + " |" for n, t in staged.items()),
+        ]
     errors = [f"- `{n}`: {m['error']}" for n, m in result["methods"].items() if m.get("error")]
     if errors:
         lines += ["", "Methods that did not run:", *errors]
@@ -458,6 +491,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4, help="student lr of the verl methods")
     parser.add_argument("--sft-lr", type=float, default=3e-4, help="student lr of the SFT baseline")
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear lr warm-up (all methods)")
+    parser.add_argument(
+        "--poll-s", type=float, default=0.2, help="replay-buffer poll interval of every verl method (verl: 2 s)"
+    )
     parser.add_argument("--student", default="habit", choices=tuple(STUDENT_STORY), help="the demo's student kind")
     parser.add_argument("--models-dir", default=None, help="demo models cache (default <workdir>/models)")
     parser.add_argument("--workdir", default="/tmp/verl-opd-bench", help="models (cached), per-run logs")
@@ -530,7 +566,9 @@ def main() -> None:
             f"(GRPO {opts.prompts // GRPO_N} prompts x {GRPO_N}), responses <= {opts.response_length} tokens, "
             f"{opts.steps} steps (GRPO {opts.grpo_steps}), accuracy every {opts.test_freq} steps, seeds {opts.seeds}, "
             f"lr {opts.lr} "
-            f"(SFT {opts.sft_lr}). Step time of verl methods includes verl's 2 s replay-buffer poll."
+            f"(SFT {opts.sft_lr}). Every verl method looks for finished rollouts every {opts.poll_s} s "
+            "(verl's default is 2 s: OPD through opd.sampler_poll_s, GRPO and verl distillation through verl's "
+            "custom-sampler hook, benchmarks/quick_poll_sampler.py)."
         ),
         "settings": {k: v for k, v in vars(opts).items() if k not in ("out",)},
         "teacher_accuracy": models["teacher_accuracy"],

@@ -55,13 +55,14 @@ def bench() -> Iterator[ModuleType]:
 
 def _opts(**changes: object) -> argparse.Namespace:
     base = {"prompts": 16, "response_length": 16, "lr": 3e-4, "warmup_steps": 0, "steps": 40, "grpo_steps": 100}
-    return argparse.Namespace(**{**base, "test_freq": 5, **changes})
+    return argparse.Namespace(**{**base, "test_freq": 5, "poll_s": 0.3, **changes})
 
 
 @pytest.mark.parametrize("method", ["opd", "grpo", "verl_distill"])
 def test_verl_methods_are_valid_configs_with_equal_samples(bench, method, tiny, tmp_path, monkeypatch) -> None:
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
+    from verl.utils.import_utils import load_extern_type
 
     from verl_opd.cpu import register
     from verl_opd.doctor import compose_opd_config
@@ -84,10 +85,21 @@ def test_verl_methods_are_valid_configs_with_equal_samples(bench, method, tiny, 
     if method == "opd":
         assert config.algorithm.adv_estimator == "opd" and config.trainer.v1.trainer_mode == "opd"
         assert config.opd.teacher.model_path == str(tiny.teacher) and not config.distillation.enabled
-    elif method == "grpo":
+        assert config.opd.sampler_poll_s == 0.3
+    else:  # verl's trainers get the same poll interval through verl's custom-sampler hook, as verl builds it
+        sampler = config.trainer.v1.sampler
+        buffer = load_extern_type(sampler.custom_sampler.path, sampler.custom_sampler.name)(
+            trainer_mode="sync",
+            trainer_config={},
+            max_off_policy_threshold=sampler.max_off_policy_threshold,
+            max_off_policy_strategy=sampler.max_off_policy_strategy,
+            sampler_kwargs=sampler.sampler_kwargs,
+        )
+        assert buffer.poll_interval == 0.3
+    if method == "grpo":
         assert config.algorithm.adv_estimator == "grpo" and arr.rollout.n == 4
         assert not config.distillation.enabled and not need_reference_policy(config)
-    else:
+    elif method == "verl_distill":
         loss = config.distillation.distillation_loss
         assert config.distillation.enabled and loss.loss_mode == "k1" and loss.use_policy_gradient
         assert not loss.use_task_rewards
@@ -101,12 +113,14 @@ def test_finish_run_reads_the_curve(bench) -> None:
         "wall_s": 100.0,
         "peak_rss_gib": 5.0,
         "response_tokens_mean": 5.5,
+        "stage_time_s": {"gen": 1.0, "ref": 0.2},
     }
     run = bench.finish_run(raw, teacher_accuracy=1.0, seed=7, common_step=5)
     assert run["steps_to_90pct_teacher"] == 10  # first validation at >= 0.9 * teacher
     assert run["train_wall_s_to_90pct_teacher"] == pytest.approx(18.0)  # every step up to 10 that was timed
     assert run["final_accuracy"] == 0.85 and run["final_step"] == 15 and run["accuracy_at_common_step"] == 0.8
     assert run["step_time_s"] == pytest.approx(3.0)  # median without the first (warm-up) step
+    assert run["stage_time_s"] == {"gen": 1.0, "ref": 0.2}
     never = bench.finish_run({**raw, "accuracy": {0: 0.2, 5: 0.5}}, 1.0, 7, 5)
     assert never["steps_to_90pct_teacher"] is None and never["train_wall_s_to_90pct_teacher"] is None
     assert bench.finish_run({"error": "boom"}, 1.0, 7, 5) == {"seed": 7, "error": "boom"}
@@ -123,10 +137,12 @@ def test_summary_median_counts_misses_and_targets(bench) -> None:
             "accuracy_at_common_step": 0.9,
             "step_time_s": step_time,
             "peak_rss_gib": 5.0,
+            "stage_time_s": {"gen": step_time / 2, "ref": 0.1 * seed},
         }
 
     opd = bench.summarize_method([run(0, 5, 3.0), run(1, 10, 3.0), run(2, None, 3.0)])
     assert opd["steps_to_90pct_teacher"] == 10 and opd["seeds_reaching_90pct_teacher"] == "2/3"
+    assert opd["stage_time_s"] == {"gen": 1.5, "ref": 0.1}  # per stage, the median over seeds
     grpo_misses = bench.summarize_method([run(0, None, 2.5), run(1, None, 2.5), run(2, 60, 2.5)])
     assert grpo_misses["steps_to_90pct_teacher"] is None  # most seeds never reached it
 
@@ -145,7 +161,8 @@ def test_readme_shows_the_recorded_opd_vs_rl_table() -> None:
     json_result = json.loads((REPO / "benchmarks" / "results" / "opd_vs_rl.json").read_text())
     readme = (REPO / "README.md").read_text()
     rows = [line for line in recorded.splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + len(json_result["methods"]) and set(json_result["methods"]) == set(METHODS)
+    assert set(json_result["methods"]) == set(METHODS)
+    assert all(any(line.startswith(f"| {name} | ") for line in rows) for name in METHODS)
     for line in rows + [line for line in recorded.splitlines() if line.startswith("- OPD ")]:
         assert line in readme.splitlines(), line
     assert json_result["date"] in readme and f"{json_result['teacher_accuracy']:.3f}" in recorded

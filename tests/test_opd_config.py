@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import shutil
@@ -91,6 +92,7 @@ def test_shipped_config_needs_no_extra_keys(tiny):
         (["actor_rollout_ref.model.lora_rank=8"], "actor_rollout_ref.model.lora_rank=0"),
         (["+opd.kl_coef=0"], "opd.kl_coef=0 must be"),
         (["+opd.discount=1.5"], "opd.discount=1.5 must be in [0, 1]"),
+        (["+opd.sampler_poll_s=0"], "opd.sampler_poll_s=0 must be a finite number of seconds > 0"),
         (["+opd.teacher.dtype=int8"], "opd.teacher.dtype='int8'"),
         (["+opd.temprature=1"], "Unknown opd keys ['temprature']"),
         (["trainer.device=cpu", "+opd.teacher.offload=True"], "Set opd.teacher.offload=False"),
@@ -171,3 +173,21 @@ def test_main_ppo_refuses_bad_teacher_before_starting_anything(tiny, variants, t
     assert proc.returncode != 0
     assert "is not compatible with the student's" in output
     assert "Started a local Ray instance" not in output
+
+
+def test_trainer_replay_buffer_polls_at_the_opd_interval(tiny):
+    """OPD's trainer hook hands verl's own sync replay buffer ``opd.sampler_poll_s`` (verl's default: 2 s)."""
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
+
+    from verl_opd.opd_config import OPDConfig
+    from verl_opd.trainer import OPDTrainer
+
+    config = _compose(_opd(tiny, "+opd.sampler_poll_s=0.05"))
+    apply_opd_settings(config)
+    trainer = OPDTrainer.__new__(OPDTrainer)  # only the hook: no Ray, no workers
+    trainer.config, trainer.trainer_mode, trainer.opd = config, "sync", OPDConfig.from_config(config)
+    trainer._add_prompts_to_generate = lambda count: None
+    buffer = trainer._build_replay_buffer()
+    assert type(buffer) is ReplayBuffer
+    assert buffer.poll_interval == 0.05
+    assert inspect.signature(ReplayBuffer).parameters["poll_interval"].default == 2.0  # what it replaces

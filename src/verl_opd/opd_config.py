@@ -54,6 +54,9 @@ class OPDConfig:
     task_reward_coef: float = 0.0
     check_tokenizers: bool = True
     allow_teacher_change: bool = False
+    # verl's sync replay buffer looks for a finished batch every 2 s, so a step's generation phase lasts a
+    # whole number of 2-s ticks; OPD's trainer looks this often instead (see OPDTrainer._build_replay_buffer).
+    sampler_poll_s: float = 0.2
 
     @classmethod
     def from_config(cls, config: DictConfig) -> OPDConfig:
@@ -87,6 +90,10 @@ class OPDConfig:
             raise OPDConfigError(f"opd.discount={self.discount} must be in [0, 1] (0 = per-token, the default).")
         if not (math.isfinite(self.task_reward_coef) and self.task_reward_coef >= 0):
             raise OPDConfigError(f"opd.task_reward_coef={self.task_reward_coef} must be a finite number >= 0.")
+        if not (math.isfinite(self.sampler_poll_s) and self.sampler_poll_s > 0):
+            raise OPDConfigError(
+                f"opd.sampler_poll_s={self.sampler_poll_s} must be a finite number of seconds > 0 (default 0.2)."
+            )
 
 
 def teacher_precision(dtype: str) -> dict[str, str]:

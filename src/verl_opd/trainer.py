@@ -2,13 +2,14 @@
 
 Registered as ``trainer.v1.trainer_mode=opd`` (set automatically by
 ``algorithm.adv_estimator=opd``). It differs from verl's ``sync`` trainer in three
-places only:
+places, plus one latency setting:
 
 1. the actor/rollout/ref worker is :class:`~verl_opd.teacher_worker.OPDWorker`,
    which loads the teacher into the reference slot;
 2. :meth:`OPDTrainer._compute_advantage` computes the OPD advantage from the
    student's and the teacher's log-probs of the sampled tokens, and logs ``opd/*``;
-3. checkpoints record which teacher they were distilled from.
+3. checkpoints record which teacher they were distilled from;
+4. its replay buffer looks for finished rollouts every ``opd.sampler_poll_s`` (verl: every 2 s).
 
 Student log-prob: the training engine's recomputed ``old_log_probs``, not the
 rollout engine's. It is the same numerics that PPO's ratio uses at the update,
@@ -60,6 +61,17 @@ class OPDTrainer(PPOTrainerSync):
                 self.role_worker_mapping[role] = ray.remote(OPDWorker)
         if Role.ActorRolloutRef not in self.role_worker_mapping and Role.RefPolicy not in self.role_worker_mapping:
             raise RuntimeError("verl built no reference worker, so OPD has no teacher; is use_kl_in_reward off?")
+
+    def _build_replay_buffer(self):  # noqa: ANN202 - verl's ReplayBuffer or a user's custom sampler
+        """verl's replay buffer, looking for a finished batch every ``opd.sampler_poll_s`` instead of 2 s.
+
+        verl's sync buffer sleeps a fixed 2 s between looks, so generation that takes 0.3 s still costs a
+        step 2 s; the look itself is one metadata read from the transfer queue, cheap at a few per second.
+        """
+        buffer = super()._build_replay_buffer()
+        if hasattr(buffer, "poll_interval"):
+            buffer.poll_interval = self.opd.sampler_poll_s
+        return buffer
 
     def _compute_advantage(self, batch, metrics: dict):  # noqa: ANN001 - verl's KVBatchMeta
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=_FIELDS)
