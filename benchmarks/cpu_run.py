@@ -5,8 +5,9 @@ models (GRPO and OPD) and measures, from outside the process tree:
 
 * start-up: wall time from launch to the first step's metrics line;
 * step time: median of verl's own ``timing_s/step`` over steps 2..N
-  (step 1 includes warm-up; verl's replay buffer polls every 2 s, which floors a
-  tiny step, so the numbers are an upper bound on the compute);
+  (step 1 includes warm-up). Both runs look for finished rollouts at one interval: OPD's
+  trainer by default (``opd.sampler_poll_s``, 0.2 s), GRPO through verl's custom-sampler hook
+  (``quick_poll_sampler.py``; verl's own default of 2 s would floor a tiny step);
 * peak memory: the largest sum of RSS over the whole process tree (driver, Ray,
   workers, rollout server), sampled every 0.5 s.
 
@@ -31,7 +32,11 @@ from pathlib import Path
 import psutil
 
 from process_tree import PeakTreeRSS  # benchmarks/ is on sys.path when this file is run
+from quick_poll_sampler import quick_poll_overrides
 from verl_opd.console_metrics import parse_step_metrics
+from verl_opd.opd_config import OPDConfig
+
+OPD_POLL_S = OPDConfig().sampler_poll_s  # GRPO gets the interval OPD's trainer uses by default
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -113,8 +118,9 @@ def main() -> None:
         root = Path(tmp)
         assets = build_assets(root)
         base = common_args(assets, args.steps)
+        grpo = ["algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.n=2", *quick_poll_overrides(OPD_POLL_S)]
         runs = {
-            "grpo_n2": measure(base + ["algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.n=2"], root),
+            "grpo_n2": measure(base + grpo, root),
             "opd_n1": measure(
                 base + ["algorithm.adv_estimator=opd", f"+opd.teacher.model_path={assets['teacher']}"], root
             ),

@@ -46,14 +46,15 @@ from typing import Any
 import psutil
 
 from process_tree import PeakTreeRSS  # benchmarks/ is on sys.path when this file is run
+from quick_poll_sampler import quick_poll_overrides
 from verl_opd.console_metrics import parse_step_metrics
 from verl_opd.demo import STUDENT_STORY, cpu_run_args, opd_args, validation_curve
+from verl_opd.opd_config import OPDConfig
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("opd", "grpo", "sft", "verl_distill")
 TARGET_FRACTION = 0.9
 GRPO_N = 4
-QUICK_POLL_SAMPLER = Path(__file__).resolve().parent / "quick_poll_sampler.py"
 # verl's per-stage timers of a step (timing_s/<stage>); their sum is about timing_s/step
 STAGES = ("gen", "old_log_prob", "ref", "adv", "update_actor", "update_weights")
 RUN_TIMEOUT_S = 1800
@@ -110,11 +111,7 @@ def verl_args(method: str, models: dict[str, Any], opts: argparse.Namespace, see
     if method == "opd":
         return args + opd_args(models["teacher"]) + [f"+opd.sampler_poll_s={opts.poll_s}"]
     # verl's own trainers: the same poll interval through verl's custom-sampler hook
-    args += [
-        f"trainer.v1.sampler.custom_sampler.path={QUICK_POLL_SAMPLER}",
-        "trainer.v1.sampler.custom_sampler.name=QuickPollReplayBuffer",
-        f"+trainer.v1.sampler.sampler_kwargs.poll_interval_s={opts.poll_s}",
-    ]
+    args += quick_poll_overrides(opts.poll_s)
     if method == "grpo":
         args += ["algorithm.adv_estimator=grpo"]
     elif method == "verl_distill":
@@ -492,7 +489,10 @@ def main() -> None:
     parser.add_argument("--sft-lr", type=float, default=3e-4, help="student lr of the SFT baseline")
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear lr warm-up (all methods)")
     parser.add_argument(
-        "--poll-s", type=float, default=0.2, help="replay-buffer poll interval of every verl method (verl: 2 s)"
+        "--poll-s",
+        type=float,
+        default=OPDConfig().sampler_poll_s,
+        help="replay-buffer poll interval of every verl method (default: OPD's default; verl's own: 2 s)",
     )
     parser.add_argument("--student", default="habit", choices=tuple(STUDENT_STORY), help="the demo's student kind")
     parser.add_argument("--models-dir", default=None, help="demo models cache (default <workdir>/models)")

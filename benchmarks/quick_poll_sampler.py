@@ -9,6 +9,7 @@ no DAPO settings; none of the benchmark's runs filters groups.)
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
@@ -20,3 +21,12 @@ class QuickPollReplayBuffer(ReplayBuffer):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.poll_interval = float(self.sampler_kwargs.get("poll_interval_s", self.poll_interval))
+
+
+def quick_poll_overrides(poll_s: float) -> list[str]:
+    """``main_ppo`` overrides that give one of verl's own trainers this sampler, polling every ``poll_s``."""
+    return [
+        f"trainer.v1.sampler.custom_sampler.path={Path(__file__).resolve()}",
+        f"trainer.v1.sampler.custom_sampler.name={QuickPollReplayBuffer.__name__}",
+        f"+trainer.v1.sampler.sampler_kwargs.poll_interval_s={poll_s}",
+    ]
