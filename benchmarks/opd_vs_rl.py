@@ -428,6 +428,8 @@ def targets(methods: dict[str, Any], grpo_run_steps: int) -> list[str]:
             f"OPD reaches 90% of teacher in >= 5x fewer steps than GRPO: OPD {opd_steps:g} steps, GRPO not within "
             f"{grpo_run_steps} steps, so the ratio is > {bound:.1f}x -> {verdict}"
         )
+    elif get("grpo", "final_accuracy") is None or get("opd", "final_accuracy") is None:
+        out.append("OPD reaches 90% of teacher in >= 5x fewer steps than GRPO: not measured (a method has no result)")
     else:
         out.append("OPD reaches 90% of teacher in >= 5x fewer steps than GRPO: not measurable (OPD did not reach it)")
     for other, bound in (("grpo", 1.3), ("verl_distill", 1.0)):

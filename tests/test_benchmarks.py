@@ -153,6 +153,8 @@ def test_summary_median_counts_misses_and_targets(bench) -> None:
     grpo_reaches = bench.summarize_method([run(0, 20, 2.0), run(1, 30, 2.0), run(2, 40, 2.0)])
     verdicts = bench.targets({"opd": opd, "grpo": grpo_reaches}, grpo_run_steps=100)
     assert verdicts[0].endswith("3.0x -> NOT met") and verdicts[1].endswith("1.50x -> NOT met")
+    only_distill = bench.targets({"opd": opd, "verl_distill": grpo_reaches}, grpo_run_steps=100)
+    assert only_distill[0].endswith("not measured (a method has no result)")
 
 
 def test_readme_shows_the_recorded_opd_vs_rl_table() -> None:
