@@ -123,35 +123,6 @@ def opd_args(teacher: str | Path) -> list[str]:
     return ["algorithm.adv_estimator=opd", f"+opd.teacher.model_path={teacher}"]
 
 
-def main_ppo_args(
-    models: dict[str, Any],
-    steps: int,
-    seed: int,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    lr: float = DEFAULT_LR,
-    test_freq: int = DEFAULT_TEST_FREQ,
-    response_length: int = DEFAULT_RESPONSE_LENGTH,
-    checkpoint_dir: str | Path = "checkpoints",
-    n: int = DEFAULT_N,
-    warmup_steps: int = DEFAULT_WARMUP_STEPS,
-) -> list[str]:
-    """Hydra overrides of the demo's ``main_ppo`` run (stock ``ppo_trainer`` config + OPD)."""
-    return cpu_run_args(
-        models["student"],
-        models["train"],
-        models["test"],
-        steps,
-        seed,
-        prompts=batch_size,
-        n=n,
-        lr=lr,
-        warmup_steps=warmup_steps,
-        test_freq=test_freq,
-        response_length=response_length,
-        checkpoint_dir=checkpoint_dir,
-    ) + opd_args(models["teacher"])
-
-
 def val_accuracy(metrics: dict[str, float]) -> float | None:
     """verl's core validation metric of a step (mean greedy score over the held-out set), if it has one."""
     keys = sorted(k for k in metrics if k.startswith(VAL_PREFIX) and "/mean@" in k)
@@ -237,6 +208,7 @@ def summarize(models: dict[str, Any], steps: dict[int, dict[str, float]]) -> dic
     train_steps = sorted(s for s in steps if s > 0 and KL_KEY in steps[s])
     val = validation_curve(steps)
     kl = {s: steps[s][KL_KEY] for s in train_steps}
+    last_kl_steps = train_steps[-KL_SMOOTHING:]
     step_times = [steps[s]["timing_s/step"] for s in train_steps[1:] if "timing_s/step" in steps[s]]
     first_val, last_val = (min(val), max(val)) if val else (None, None)
     return {
@@ -250,8 +222,8 @@ def summarize(models: dict[str, Any], steps: dict[int, dict[str, float]]) -> dic
             "accuracy": val[last_val] if val else None,
             "accuracy_step": last_val,
             # the per-step value is a one-sample-per-token estimate: the table reports the mean of the last steps
-            "reverse_kl": moving_average([kl[s] for s in train_steps], KL_SMOOTHING)[-1] if train_steps else None,
-            "reverse_kl_steps": train_steps[-KL_SMOOTHING:],
+            "reverse_kl": sum(kl[s] for s in last_kl_steps) / len(last_kl_steps) if last_kl_steps else None,
+            "reverse_kl_steps": last_kl_steps,
         },
         "student_accuracy_at_build": models["student_accuracy"],
         "val_accuracy": {str(s): v for s, v in val.items()},
@@ -345,18 +317,20 @@ def run_demo(
     out("      (greedy, held-out problems, graded by verl's gsm8k reward)")
 
     log_path = work / LOG_NAME
-    args = main_ppo_args(
-        models,
+    args = cpu_run_args(
+        models["student"],
+        models["train"],
+        models["test"],
         steps,
         seed,
-        batch_size,
-        lr,
-        test_freq,
-        response_length,
-        checkpoint_dir=work / "checkpoints",
+        prompts=batch_size,
         n=n,
+        lr=lr,
         warmup_steps=warmup_steps,
-    )
+        test_freq=test_freq,
+        response_length=response_length,
+        checkpoint_dir=work / "checkpoints",
+    ) + opd_args(models["teacher"])
     out(
         f"[2/3] OPD with verl's main_ppo on CPU: {steps} steps, {batch_size} prompts x {n} samples/step, lr {lr}, "
         f"validation every {test_freq} steps"
