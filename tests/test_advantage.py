@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from verl_opd import compute_opd_advantage
-from verl_opd.advantage import discounted_reward_to_go, opd_token_rewards
+from verl_opd.advantage import discounted_reward_to_go, group_baselined_rewards, opd_token_rewards
 
 
 def reference_reward_to_go(rewards: list[list[float]], mask: list[list[int]], discount: float) -> list[list[float]]:
@@ -142,41 +142,65 @@ def test_discount_matches_python_loop_reference(discount):
 # --------------------------------------------------------------------------- task rewards
 
 
-def _last_token_scores(mask: torch.Tensor, scores: list[float]) -> torch.Tensor:
-    """verl's token_level_scores layout: sequence score on the last response token."""
-    out = torch.zeros(mask.shape)
-    last = mask.shape[1] - 1 - torch.flip(mask, dims=[1]).argmax(dim=1)
-    out[torch.arange(mask.shape[0]), last] = torch.tensor(scores)
-    return out
-
-
-def test_task_reward_mix_on_last_token():
+def test_task_reward_credits_every_response_token():
     mask = _t([[1, 1, 1, 0], [1, 1, 0, 0]])
-    scores = _last_token_scores(mask, [1.0, 0.0])
-    lp = _t([[-1.0, -1.0, -1.0, -1.0], [-1.0, -1.0, -1.0, -1.0]])
-    adv, _ = compute_opd_advantage(lp, lp, mask, task_rewards=scores, task_reward_coef=0.5)
-    torch.testing.assert_close(adv, _t([[0.0, 0.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+    lp = torch.full((2, 4), -1.0)
+    adv, _ = compute_opd_advantage(lp, lp, mask, sequence_rewards=_t([1.0, 0.0]), task_reward_coef=0.5)
+    # no groups: baseline 0, so each sequence's tokens all get 0.5 * R; padding stays 0
+    torch.testing.assert_close(adv, _t([[0.5, 0.5, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0]]))
 
-    # Mixed with a KL reward, discount 0: the two simply add.
+    # Mixed with a KL reward, discount 0: the two simply add on every token.
     student = _t([[-1.0, -2.0, -1.0, 0.0], [-1.0, -1.0, 0.0, 0.0]])
     teacher = _t([[-1.5, -1.0, -1.25, 0.0], [-1.0, -3.0, 0.0, 0.0]])
-    adv, _ = compute_opd_advantage(student, teacher, mask, task_rewards=scores, task_reward_coef=0.5)
-    torch.testing.assert_close(adv, _t([[-0.5, 1.0, -0.25 + 0.5, 0.0], [0.0, -2.0, 0.0, 0.0]]))
+    adv, _ = compute_opd_advantage(student, teacher, mask, sequence_rewards=_t([1.0, 0.0]), task_reward_coef=0.5)
+    torch.testing.assert_close(adv, _t([[-0.5 + 0.5, 1.0 + 0.5, -0.25 + 0.5, 0.0], [0.0, -2.0, 0.0, 0.0]]))
 
 
-def test_task_reward_propagates_back_with_discount():
+def test_task_reward_group_baseline_is_the_group_mean_without_std():
+    mask = torch.ones(5, 2)
+    lp = torch.zeros(5, 2)
+    rewards = _t([1.0, 0.0, 0.5, 3.0, 7.0])
+    index = ["a", "a", "b", "b", "c"]  # groups of 2, 2 and 1
+    adv, _ = compute_opd_advantage(lp, lp, mask, sequence_rewards=rewards, task_reward_coef=2.0, index=index)
+    # a: mean 0.5 -> +-0.5; b: mean 1.75 -> -1.25, +1.25 (no std division); c alone: baseline 0
+    expected = 2.0 * _t([0.5, -0.5, -1.25, 1.25, 7.0])
+    torch.testing.assert_close(adv, expected.unsqueeze(1).expand(5, 2))
+    assert torch.equal(group_baselined_rewards(rewards, None), rewards)
+
+
+def test_task_reward_survives_a_masked_last_token():
+    # a multi-turn response ending in tool output: the last positions are masked, the reward is not lost
+    mask = _t([[1, 1, 0, 0]])
+    lp = torch.zeros(1, 4)
+    adv, _ = compute_opd_advantage(lp, lp, mask, sequence_rewards=_t([1.0]), task_reward_coef=1.0)
+    torch.testing.assert_close(adv, _t([[1.0, 1.0, 0.0, 0.0]]))
+
+
+def test_discount_applies_to_the_kl_part_only():
     mask = _t([[1, 1, 1, 0]])
-    scores = _last_token_scores(mask, [1.0])
-    lp = torch.full((1, 4), -1.0)
-    adv, _ = compute_opd_advantage(lp, lp, mask, discount=0.9, task_rewards=scores, task_reward_coef=2.0)
-    torch.testing.assert_close(adv, _t([[2.0 * 0.81, 2.0 * 0.9, 2.0, 0.0]]))
+    student = _t([[-1.0, -1.0, -1.0, 0.0]])
+    teacher = _t([[-1.0, -1.0, 0.0, 0.0]])  # r = [0, 0, 1]
+    adv, _ = compute_opd_advantage(
+        student, teacher, mask, discount=0.9, sequence_rewards=_t([1.0]), task_reward_coef=2.0
+    )
+    torch.testing.assert_close(adv, _t([[0.81 + 2.0, 0.9 + 2.0, 1.0 + 2.0, 0.0]]))
 
 
 def test_task_rewards_ignored_when_coef_zero():
     mask = torch.ones(1, 2)
     lp = _t([[-1.0, -2.0]])
-    adv, _ = compute_opd_advantage(lp, lp, mask, task_rewards=torch.ones(1, 2), task_reward_coef=0.0)
+    adv, _ = compute_opd_advantage(lp, lp, mask, sequence_rewards=torch.ones(1), task_reward_coef=0.0)
     assert torch.equal(adv, torch.zeros(1, 2))
+
+
+def test_task_rewards_must_be_one_per_sequence():
+    z = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"shape \(batch,\) = \(2,\).*one task reward per sequence"):
+        compute_opd_advantage(z, z, torch.ones(2, 3), sequence_rewards=torch.zeros(2, 3), task_reward_coef=1.0)
+    with pytest.raises(ValueError, match=r"index has 3 entries for 2"):
+        compute_opd_advantage(
+            z, z, torch.ones(2, 3), sequence_rewards=torch.zeros(2), task_reward_coef=1.0, index=["a", "b", "c"]
+        )
 
 
 # --------------------------------------------------------------------------- precision
@@ -221,10 +245,10 @@ def test_mixed_precision_inputs():
 def test_no_gradient_flows():
     student = torch.randn(2, 3, requires_grad=True)
     teacher = torch.randn(2, 3, requires_grad=True)
-    scores = torch.randn(2, 3, requires_grad=True)
+    scores = torch.randn(2, requires_grad=True)
     for discount in (0.0, 0.9):
         adv, ret = compute_opd_advantage(
-            student, teacher, torch.ones(2, 3), discount=discount, task_rewards=scores, task_reward_coef=1.0
+            student, teacher, torch.ones(2, 3), discount=discount, sequence_rewards=scores, task_reward_coef=1.0
         )
         assert not adv.requires_grad and adv.grad_fn is None
         assert not ret.requires_grad
@@ -260,10 +284,6 @@ def test_shape_mismatch_names_the_shapes():
         compute_opd_advantage(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 3))
     with pytest.raises(ValueError, match=r"shape mismatch.*response_mask=\(2, 1\)"):
         compute_opd_advantage(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 1))
-    with pytest.raises(ValueError, match=r"shape mismatch.*task_rewards=\(3, 3\)"):
-        compute_opd_advantage(
-            torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), task_rewards=torch.zeros(3, 3), task_reward_coef=1
-        )
     with pytest.raises(ValueError, match=r"shape mismatch.*rewards=\(2, 3\).*response_mask=\(2, 2\)"):
         discounted_reward_to_go(torch.zeros(2, 3), torch.ones(2, 2), 0.9)
 
@@ -307,12 +327,12 @@ def test_negative_kl_coef_raises():
 def test_bad_task_reward_coef_raises():
     z = torch.zeros(1, 2)
     with pytest.raises(ValueError, match=r"task_reward_coef must be finite"):
-        compute_opd_advantage(z, z, torch.ones(1, 2), task_rewards=z, task_reward_coef=math.nan)
+        compute_opd_advantage(z, z, torch.ones(1, 2), sequence_rewards=torch.ones(1), task_reward_coef=math.nan)
     with pytest.raises(ValueError, match=r"task_reward_coef must be >= 0"):
-        compute_opd_advantage(z, z, torch.ones(1, 2), task_rewards=z, task_reward_coef=-0.5)
+        compute_opd_advantage(z, z, torch.ones(1, 2), sequence_rewards=torch.ones(1), task_reward_coef=-0.5)
 
 
 def test_task_reward_coef_without_task_rewards_raises():
     z = torch.zeros(1, 2)
-    with pytest.raises(ValueError, match=r"task_reward_coef=0.5 but task_rewards is None.*task_reward_coef=0"):
+    with pytest.raises(ValueError, match=r"task_reward_coef=0.5 but no sequence rewards.*task_reward_coef=0"):
         compute_opd_advantage(z, z, torch.ones(1, 2), task_reward_coef=0.5)

@@ -152,6 +152,30 @@ def test_estimator_function_reads_discount_kwarg_only():
     torch.testing.assert_close(adv09, compute_opd_advantage(student, teacher, mask, discount=0.9)[0])
 
 
+def test_registered_opd_estimator_mixes_task_reward_on_every_token_with_group_baseline(verl_api):
+    """The trainer's call path: get_adv_estimator_fn("opd") with verl's uid index and the OPD keywords."""
+    fn = verl_api["core_algos"].get_adv_estimator_fn("opd")
+    student, teacher, mask = _batch(seed=3)
+    kl = opd_token_rewards(student, teacher, mask, kl_coef=0.5)
+    uid = np.array(["p0", "p0", "p1", "p1"], dtype=object)
+    rewards = torch.tensor([1.0, 0.0, 0.25, 0.75])
+    adv, ret = fn(
+        token_level_rewards=kl,
+        response_mask=mask,
+        config=verl_api["AlgoConfig"](adv_estimator="opd", gamma=1.0),
+        index=uid,
+        discount=0.5,
+        sequence_rewards=rewards,
+        task_reward_coef=2.0,
+    )
+    kl_part, _ = compute_opd_advantage(student, teacher, mask, kl_coef=0.5, discount=0.5)
+    centred = torch.tensor([0.5, -0.5, -0.25, 0.25])  # R minus its prompt's mean, no std division
+    expected = kl_part + 2.0 * centred.unsqueeze(1) * mask
+    torch.testing.assert_close(adv, expected, rtol=0, atol=1e-6)
+    assert torch.equal(adv, ret)
+    assert torch.equal(adv[mask == 0], torch.zeros(int((mask == 0).sum())))
+
+
 def test_verl_in_reward_kl_with_teacher_as_ref_equals_opd_token_rewards(verl_api):
     """verl's use_kl_in_reward path (teacher in the ref slot, k1) builds the same r_t."""
     from verl.trainer.ppo.core_algos import FixedKLController
@@ -169,7 +193,7 @@ def test_verl_in_reward_kl_with_teacher_as_ref_equals_opd_token_rewards(verl_api
         }
     )
     data, _ = apply_kl_penalty(data, kl_ctrl=FixedKLController(kl_coef=0.25), kl_penalty="kl")
-    ours = opd_token_rewards(student, teacher, mask, kl_coef=0.25, task_rewards=scores, task_reward_coef=1.0)
+    ours = opd_token_rewards(student, teacher, mask, kl_coef=0.25) + scores
     torch.testing.assert_close(data.batch["token_level_rewards"], ours, rtol=0, atol=1e-7)
 
 
@@ -199,7 +223,8 @@ def test_opd_metrics_hand_checked():
         "opd/advantage_min": -1.0,
         "opd/advantage_max": 2.0,
         "opd/teacher_prefers_frac": 0.5,
-        "opd/advantage_min_gap": 1.0,  # distinct advantages -1, 0, 1, 2
+        "opd/student_log_prob_lowp_frac": 1.0,  # -1, -2, -3 (|x| >= 0.5) all sit on the bf16 grid
+        "opd/teacher_log_prob_lowp_frac": 1.0,
         "opd/rollout_vs_train_log_prob_abs_diff_mean": (0.125 + 0.25 + 0 + 0.5) / 4,
         "opd/rollout_vs_train_log_prob_abs_diff_max": 0.5,
         "opd/response_tokens": 4.0,
@@ -224,7 +249,7 @@ def test_opd_metrics_all_zero_mask_is_zero_not_nan():
     mask = torch.zeros(2, 4, dtype=torch.long)
     m = opd_metrics(student, teacher, mask, torch.zeros(2, 4), rollout_log_probs=student)
     assert m["opd/response_tokens"] == 0.0
-    assert len(m) == 13
+    assert len(m) == 14
     assert all(v == 0.0 for v in m.values())
 
 

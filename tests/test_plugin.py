@@ -23,12 +23,30 @@ def test_fresh_process_finds_opd_without_importing_verl_opd():
 
 
 def test_broken_plugin_is_loud_and_opd_stays_unavailable():
-    # Make one of the plugin's own modules unimportable, as a broken install would.
-    code = "import sys\nsys.modules['verl_opd.cpu'] = None\n" + FIND_OPD
+    # Make the OPD math unimportable, as a broken install would.
+    code = "import sys\nsys.modules['verl_opd.advantage'] = None\n" + FIND_OPD
     proc = _python(code)
     assert proc.returncode != 0
     assert "verl-opd: FAILED to load its verl plugin" in proc.stderr
     assert "opd" in proc.stderr.splitlines()[-1]  # verl refuses the unknown estimator
+
+
+def test_broken_cpu_backend_is_loud_and_opd_stays_available():
+    # The CPU backend's platform module fails to import (as on a machine where it breaks); OPD must not go with it.
+    code = (
+        "import sys\nsys.modules['verl_opd.cpu.platform'] = None\n"
+        + FIND_OPD
+        + (
+            "import verl_opd.plugin as p\n"
+            "from verl.plugin.platform import PlatformRegistry\n"
+            "print(p.LOAD_ERROR is None, p.CPU_BACKEND_ERROR is not None, PlatformRegistry.get('cpu') is None)\n"
+        )
+    )
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "verl-opd: FAILED to load its CPU backend" in proc.stderr
+    assert "FAILED to load its verl plugin" not in proc.stderr
+    assert proc.stdout.split() == ["verl_opd.estimator", "True", "True", "True"]
 
 
 def test_trainer_is_registered_when_verl_imports_its_trainer_package():

@@ -3,8 +3,13 @@
 For each sampled response token t (see ``shared/design/opd-spec.md``)::
 
     d_t = log pi_S(y_t | ...) - log pi_T(y_t | ...)      per-token reverse-KL sample (k1)
-    r_t = -kl_coef * d_t  (+ task_reward_coef * R on the last response token)
+    r_t = -kl_coef * d_t
     A_t = sum_{k >= t} discount^(k - t) * r_k            over response tokens only
+          + task_reward_coef * (R - b)                   on EVERY response token (not discounted)
+
+R is the sequence's task reward and b the mean R of its group of samples of the same
+prompt (GRPO's baseline without std division), 0 for a group of one. A sequence
+reward put on the last token only would, at discount 0, train that one token.
 
 Sign convention (spec rule 1): A_t > 0 where the teacher assigns the sampled token a
 higher log-prob than the student, so the policy-gradient step pushes the student
@@ -19,12 +24,16 @@ can be tested on any machine and reused by any trainer.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 
 import torch
 
 __all__ = [
     "opd_token_rewards",
     "discounted_reward_to_go",
+    "group_baselined_rewards",
+    "task_advantage",
+    "advantage_from_rewards",
     "compute_opd_advantage",
 ]
 
@@ -108,10 +117,8 @@ def opd_token_rewards(
     teacher_log_probs: torch.Tensor,
     response_mask: torch.Tensor,
     kl_coef: float = 1.0,
-    task_rewards: torch.Tensor | None = None,
-    task_reward_coef: float = 0.0,
 ) -> torch.Tensor:
-    """Per-token OPD reward ``r_t = -kl_coef * (log pi_S - log pi_T) [+ task_reward_coef * task_rewards]``.
+    """Per-token OPD reward ``r_t = -kl_coef * (log pi_S - log pi_T)``.
 
     Args:
         student_log_probs: ``(B, T)`` log-prob of each sampled token under the student
@@ -120,10 +127,6 @@ def opd_token_rewards(
         response_mask: ``(B, T)``, nonzero on sampled response tokens (the sampled EOS
             included), zero on padding and on tokens the student did not generate.
         kl_coef: weight of the reverse-KL reward. Must be finite and >= 0.
-        task_rewards: optional ``(B, T)`` token-level task scores as verl lays them out
-            (``token_level_scores``: the sequence reward on the last response token,
-            zeros elsewhere).
-        task_reward_coef: weight of ``task_rewards``; nonzero requires ``task_rewards``.
 
     Returns:
         ``(B, T)`` float32 rewards, exactly 0 where ``response_mask`` is 0 (also where
@@ -135,15 +138,8 @@ def opd_token_rewards(
         student_log_probs=student_log_probs,
         teacher_log_probs=teacher_log_probs,
         response_mask=response_mask,
-        task_rewards=task_rewards,
     )
     _check_coef("kl_coef", kl_coef)
-    _check_coef("task_reward_coef", task_reward_coef)
-    if task_reward_coef != 0 and task_rewards is None:
-        raise ValueError(
-            f"task_reward_coef={task_reward_coef!r} but task_rewards is None. Pass the token-level task scores "
-            "(verl's token_level_scores: sequence reward on the last response token) or set task_reward_coef=0."
-        )
 
     mask = response_mask.detach().bool()
     # Upcast first, then subtract (spec rule 10).
@@ -151,8 +147,6 @@ def opd_token_rewards(
     # Sign convention: d_t > 0 where the student is more confident than the teacher, so
     # r_t = -kl_coef * d_t > 0 where the teacher likes the token more than the student.
     rewards = -float(kl_coef) * diff
-    if task_rewards is not None and task_reward_coef != 0:
-        rewards = rewards + float(task_reward_coef) * _float32_at_least(task_rewards)
     # torch.where rather than a multiply: 0 * inf / 0 * nan at padded positions would leak NaN.
     rewards = torch.where(mask, rewards, torch.zeros((), dtype=rewards.dtype, device=rewards.device))
     return rewards.to(torch.float32)
@@ -202,22 +196,112 @@ def discounted_reward_to_go(
     return torch.where(mask, out, zero)
 
 
+def group_baselined_rewards(sequence_rewards: torch.Tensor, index: Sequence[Hashable] | None = None) -> torch.Tensor:
+    """``R_i - b_i``: each sequence reward minus the mean reward of its group.
+
+    A group is the set of sequences sampled for one prompt (verl's ``uid``). The baseline
+    is the group mean, as in GRPO, but without the std division: the task reward keeps
+    its own scale, so ``task_reward_coef`` weighs it against the KL reward in the units
+    the user chose (spec rule 2 applies to the KL part; the task part is centred only).
+    A group of one has baseline 0 (its own mean would cancel its reward), and so does
+    every sequence when ``index`` is None.
+
+    Args:
+        sequence_rewards: ``(B,)`` task reward of each sequence.
+        index: ``B`` group ids (any hashables, e.g. verl's uid strings), or None.
+
+    Returns:
+        ``(B,)`` float32 (float64 stays float64), detached.
+    """
+    rewards = _float32_at_least(sequence_rewards)
+    if rewards.dim() != 1:
+        raise ValueError(f"sequence_rewards must be 1-D (batch,), got shape {tuple(rewards.shape)}.")
+    if index is None:
+        return rewards
+    ids = list(index)
+    if len(ids) != rewards.shape[0]:
+        raise ValueError(f"index has {len(ids)} entries for {rewards.shape[0]} sequence rewards; give one per row.")
+    groups: dict[Hashable, list[int]] = {}
+    for row, group in enumerate(ids):
+        groups.setdefault(group, []).append(row)
+    baseline = torch.zeros_like(rewards)
+    for rows in groups.values():
+        if len(rows) > 1:
+            baseline[rows] = rewards[rows].mean()
+    return rewards - baseline
+
+
+def task_advantage(
+    sequence_rewards: torch.Tensor | None,
+    response_mask: torch.Tensor,
+    task_reward_coef: float,
+    index: Sequence[Hashable] | None = None,
+) -> torch.Tensor | None:
+    """``task_reward_coef * (R - b)`` on every response token, 0 elsewhere; None when the coefficient is 0.
+
+    Raises ``ValueError`` for a negative/non-finite coefficient, or a nonzero one without rewards.
+    """
+    _check_coef("task_reward_coef", task_reward_coef)
+    if float(task_reward_coef) == 0:
+        return None
+    if sequence_rewards is None:
+        raise ValueError(
+            f"task_reward_coef={task_reward_coef!r} but no sequence rewards were given. Pass each sequence's "
+            "task reward R (for verl: rm_scores summed over the response) or set task_reward_coef=0."
+        )
+    _check_same_2d(response_mask=response_mask)
+    if tuple(sequence_rewards.shape) != (response_mask.shape[0],):
+        raise ValueError(
+            f"sequence_rewards must have shape (batch,) = ({response_mask.shape[0]},), got "
+            f"{tuple(sequence_rewards.shape)}: one task reward per sequence, not per token."
+        )
+    centred = group_baselined_rewards(sequence_rewards, index).to(torch.float32)
+    per_token = float(task_reward_coef) * centred.unsqueeze(-1).expand(response_mask.shape)
+    zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
+    return torch.where(response_mask.detach().bool(), per_token, zero)
+
+
+def advantage_from_rewards(
+    kl_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    discount: float = 0.0,
+    sequence_rewards: torch.Tensor | None = None,
+    task_reward_coef: float = 0.0,
+    index: Sequence[Hashable] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A_t = sum_{k >= t} discount^(k - t) * r_k + task_reward_coef * (R - b)`` from the KL rewards ``r_t``.
+
+    This is the body of verl's registered ``opd`` estimator (:mod:`verl_opd.estimator`);
+    :func:`compute_opd_advantage` is the same from log-probs. Returns ``(advantages,
+    returns)``, equal, float32, 0 outside the mask.
+    """
+    advantages = discounted_reward_to_go(kl_rewards, response_mask, discount)
+    task = task_advantage(sequence_rewards, response_mask, task_reward_coef, index)
+    if task is not None:
+        advantages = advantages + task
+    return advantages, advantages
+
+
 def compute_opd_advantage(
     student_log_probs: torch.Tensor,
     teacher_log_probs: torch.Tensor,
     response_mask: torch.Tensor,
     kl_coef: float = 1.0,
     discount: float = 0.0,
-    task_rewards: torch.Tensor | None = None,
+    sequence_rewards: torch.Tensor | None = None,
     task_reward_coef: float = 0.0,
+    index: Sequence[Hashable] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """OPD advantages and returns for verl's policy loss.
 
-    ``A_t = sum_{k >= t} discount^(k - t) * r_k`` with ``r_t`` from :func:`opd_token_rewards`.
+    ``A_t = sum_{k >= t} discount^(k - t) * r_k + task_reward_coef * (R - b)``, with ``r_t``
+    from :func:`opd_token_rewards` and ``R - b`` from :func:`group_baselined_rewards`,
+    on every response token. The task part is not discounted: it is a per-sequence
+    signal, credited to every token the student sampled (spec, "The method").
 
-    There is deliberately no normalisation (no group mean, no std division; spec rule 2):
-    the reverse-KL reward is already on a meaningful per-token scale, and whitening it
-    would turn "the student is close to the teacher everywhere" into large spurious
+    There is deliberately no normalisation of the KL reward (no group mean, no std
+    division; spec rule 2): it is already on a meaningful per-token scale, and whitening
+    it would turn "the student is close to the teacher everywhere" into large spurious
     signals. The advantage is a constant for the update: it is detached, so no gradient
     flows into either model through it.
 
@@ -227,8 +311,9 @@ def compute_opd_advantage(
         response_mask: ``(B, T)``, nonzero on sampled response tokens (EOS included).
         kl_coef: weight of the reverse-KL reward, finite and >= 0.
         discount: in ``[0, 1]``; 0 (default) gives the per-token advantage ``A_t = r_t``.
-        task_rewards: optional ``(B, T)`` token-level task scores (verl ``token_level_scores``).
-        task_reward_coef: weight of ``task_rewards``.
+        sequence_rewards: optional ``(B,)`` task reward R of each sequence.
+        task_reward_coef: weight of the task reward, finite and >= 0.
+        index: optional ``B`` group ids (verl's uid); the task baseline is the group mean.
 
     Returns:
         ``(advantages, returns)``, both ``(B, T)`` float32 and equal (OPD has no critic),
@@ -237,16 +322,8 @@ def compute_opd_advantage(
     Raises:
         ValueError: on non-2-D inputs, mismatched shapes, ``discount`` outside ``[0, 1]``,
             a non-finite or negative coefficient, or ``task_reward_coef != 0`` without
-            ``task_rewards``.
+            ``sequence_rewards``.
     """
     _check_discount(discount)
-    rewards = opd_token_rewards(
-        student_log_probs,
-        teacher_log_probs,
-        response_mask,
-        kl_coef=kl_coef,
-        task_rewards=task_rewards,
-        task_reward_coef=task_reward_coef,
-    )
-    advantages = discounted_reward_to_go(rewards, response_mask, discount)
-    return advantages, advantages
+    rewards = opd_token_rewards(student_log_probs, teacher_log_probs, response_mask, kl_coef=kl_coef)
+    return advantage_from_rewards(rewards, response_mask, discount, sequence_rewards, task_reward_coef, index)

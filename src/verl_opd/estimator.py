@@ -1,23 +1,22 @@
 """Register ``algorithm.adv_estimator=opd`` with verl's advantage-estimator registry.
 
-verl calls a registered estimator (for every name other than ``gae``/``grpo``) from
-``verl.trainer.ppo.ray_trainer.compute_advantage`` as::
+The registry is the call path: :class:`verl_opd.trainer.OPDTrainer` looks the
+estimator up with ``core_algos.get_adv_estimator_fn("opd")`` and calls it, as verl's
+own ``compute_advantage`` (``verl/trainer/ppo/ray_trainer.py``) calls every estimator
+other than ``gae``/``grpo``::
 
-    fn(token_level_rewards=..., response_mask=..., config=<algorithm config>,
-       [index=uid array], [reward_baselines=...])
+    fn(token_level_rewards=..., response_mask=..., config=<algorithm config>, index=<uid array>, ...)
 
-The ``opd`` estimator treats ``token_level_rewards`` as the per-token OPD reward r_t.
-That is what :func:`verl_opd.advantage.opd_token_rewards` produces, and also what
-verl's own in-reward KL path produces when the teacher sits in the reference slot
-(``algorithm.use_kl_in_reward=True``, ``kl_penalty=kl``: ``scores - beta * (old_log_probs
-- ref_log_prob)``). It returns the discounted reward-to-go of those rewards.
+``token_level_rewards`` is the per-token OPD KL reward ``r_t = -kl_coef * (log pi_S -
+log pi_T)`` (:func:`verl_opd.advantage.opd_token_rewards`); verl passes no log-probs to
+an estimator, so the trainer computes ``r_t`` first. The OPD trainer adds three
+keywords that verl's ``compute_advantage`` never passes: ``discount``,
+``sequence_rewards`` (the task reward R per sequence) and ``task_reward_coef``. Called
+by verl's ``compute_advantage`` without them, the estimator is per-token OPD with no
+task reward.
 
-The discount is ``kwargs["discount"]`` (default 0.0, per-token OPD). verl never passes
-that keyword, so through verl's own trainer the estimator is always per-token. It
-never reads ``config.gamma``: verl's ``algorithm.gamma`` defaults to 1.0, which would
-silently sum every later token's KL into each advantage (spec rule 11). The OPD
-trainer applies ``opd.discount`` itself by calling
-:func:`verl_opd.advantage.compute_opd_advantage` / :func:`discounted_reward_to_go`.
+It never reads ``config.gamma``: verl's ``algorithm.gamma`` defaults to 1.0, which would
+silently sum every later token's KL into each advantage (spec rule 11).
 
 verl is imported lazily and only from ``verl.trainer.ppo.core_algos``, which does not
 resolve a device platform at import time (the v1 trainer and engine modules do).
@@ -25,11 +24,12 @@ resolve a device platform at import time (the v1 trainer and engine modules do).
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
 
-from verl_opd.advantage import discounted_reward_to_go
+from verl_opd.advantage import advantage_from_rewards
 
 __all__ = ["ESTIMATOR_NAME", "compute_opd_estimator", "register"]
 
@@ -40,25 +40,37 @@ def compute_opd_estimator(
     token_level_rewards: torch.Tensor,
     response_mask: torch.Tensor,
     config: Any = None,
+    index: Sequence[Hashable] | None = None,
+    discount: float = 0.0,
+    sequence_rewards: torch.Tensor | None = None,
+    task_reward_coef: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """verl advantage estimator for OPD: discounted reward-to-go of the per-token OPD reward.
+    """verl advantage estimator for OPD.
+
+    ``A_t = sum_{k >= t} discount^(k - t) * r_k + task_reward_coef * (R - b)`` on every
+    response token, ``b`` the mean R of the sequence's ``index`` group (its prompt's
+    samples; 0 for a group of one).
 
     Args:
-        token_level_rewards: ``(B, T)`` per-token OPD reward r_t (positive where the
+        token_level_rewards: ``(B, T)`` per-token OPD KL reward r_t (positive where the
             teacher likes the token more than the student).
         response_mask: ``(B, T)``, nonzero on sampled response tokens.
         config: verl's algorithm config. Deliberately unused: its ``gamma`` defaults to 1.0.
-        **kwargs: ``discount`` (default 0.0) is read; verl's ``index`` / ``reward_baselines``
-            are ignored (OPD uses no group baseline and no normalisation, spec rule 2).
+        index: verl's uid per row; groups the samples of one prompt for the task baseline.
+        discount: KL reward-to-go discount in ``[0, 1]`` (0: per-token OPD).
+        sequence_rewards: ``(B,)`` task reward per sequence, or None.
+        task_reward_coef: weight of the task reward (0: pure OPD).
+        **kwargs: what else verl passes (``reward_baselines``...), unused: OPD has no
+            other baseline and no normalisation (spec rule 2).
 
     Returns:
         ``(advantages, returns)``, equal, float32, 0 outside the mask, detached.
     """
-    del config  # never config.gamma (spec rule 11)
-    discount = kwargs.get("discount", 0.0)
-    advantages = discounted_reward_to_go(token_level_rewards, response_mask, discount)
-    return advantages, advantages
+    del config, kwargs  # never config.gamma (spec rule 11)
+    return advantage_from_rewards(
+        token_level_rewards, response_mask, discount, sequence_rewards, task_reward_coef, index
+    )
 
 
 # Marks the function as ours so re-registration after a module reload is recognised.

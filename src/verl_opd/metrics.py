@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["opd_metrics"]
+__all__ = ["LOW_PRECISION_MIN_ABS", "eos_metrics", "low_precision_grid_fraction", "opd_metrics"]
+
+# Only log-probs at least this far from 0 take part in the precision probe (see low_precision_grid_fraction).
+LOW_PRECISION_MIN_ABS = 0.5
 
 
 def _masked_values(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -17,9 +20,57 @@ def _masked_values(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x.detach()[mask].to(torch.float64)
 
 
-def _min_gap(values: torch.Tensor) -> float:
-    distinct = torch.unique(values)
-    return (distinct[1:] - distinct[:-1]).min().item() if distinct.numel() > 1 else 0.0
+def low_precision_grid_fraction(log_probs: torch.Tensor, mask: torch.Tensor) -> float:
+    """Fraction of the masked log-probs with ``|x| >= 0.5`` that lie exactly on the bf16 or fp16 grid.
+
+    A precision probe (spec rule 10). A log-prob that was computed, or stored on its way,
+    in bf16/fp16 and then upcast is exactly representable in that format, so the fraction
+    is 1.0. An fp32 log-prob ``z_y - logsumexp(z)`` is a multiple of ``ulp(|z|)`` (about
+    2^-18 for logits of magnitude 16-32), which has about 18 significant bits at ``|x| >= 0.5``:
+    it lands on the bf16 grid (8 bits) with probability about 2^-10 and on the fp16 grid
+    (11 bits) with about 2^-7, so the fraction stays near 0.01 or below. Log-probs closer to
+    0 are left out on purpose: for a confident token, fp32 cancellation leaves only a few
+    significant bits (``-2^-20`` is common), which would sit on the bf16 grid in fp32 too.
+
+    What it does NOT see: logits computed in bf16 and log-softmaxed in fp32 (the fp32
+    result of a bf16 matmul is not on any grid, yet carries the bf16 rounding of the
+    logits). That mode is a choice of the training engine's precision settings, not
+    something the log-prob values can reveal. Returns 0.0 when no value qualifies.
+    """
+    values = log_probs.detach()[mask].to(torch.float32)
+    values = values[values.abs() >= LOW_PRECISION_MIN_ABS]
+    if values.numel() == 0:
+        return 0.0
+    on_bf16 = values.to(torch.bfloat16).to(torch.float32) == values
+    on_fp16 = values.to(torch.float16).to(torch.float32) == values
+    return (on_bf16 | on_fp16).to(torch.float64).mean().item()
+
+
+def eos_metrics(responses: torch.Tensor, response_mask: torch.Tensor, eos_token_ids: list[int]) -> dict[str, float]:
+    """Where the sampled EOS sits relative to the mask (spec rule 4), as ``opd/*`` metrics.
+
+    ``opd/eos_terminated_frac``: fraction of sequences whose last masked token is an EOS
+    id (the sampled EOS is trained on; the rest hit the length limit).
+    ``opd/response_tokens_after_eos``: masked tokens after a sequence's first EOS, summed.
+    In a single-turn run it is 0: a mask that let padding in would count it, also when
+    the pad id is the EOS id (a multi-turn response counts its later turns here).
+    """
+    mask = response_mask.detach().bool()
+    is_eos = torch.zeros_like(mask)
+    for eos in eos_token_ids:
+        is_eos |= responses == eos
+    has_tokens = mask.any(dim=-1)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask, positions, torch.full_like(positions, -1)).max(dim=-1).values.clamp(min=0)
+    ended_with_eos = is_eos.gather(1, last.unsqueeze(1)).squeeze(1) & has_tokens
+    eos_in_mask = is_eos & mask
+    first_eos = torch.where(eos_in_mask, positions, torch.full_like(positions, mask.shape[1])).min(dim=-1).values
+    after = mask & (positions > first_eos.unsqueeze(1))
+    n_seqs = max(int(has_tokens.sum().item()), 1)
+    return {
+        "opd/eos_terminated_frac": ended_with_eos.sum().item() / n_seqs,
+        "opd/response_tokens_after_eos": float(after.sum().item()),
+    }
 
 
 def opd_metrics(
@@ -54,10 +105,9 @@ def opd_metrics(
         ``opd/teacher_prefers_frac``: fraction of response tokens where the teacher
         log-prob is strictly higher than the student's (where A_t > 0 at discount 0).
         ``opd/response_tokens``: number of response tokens.
-        ``opd/advantage_min_gap``: smallest gap between two distinct advantage values, a
-        precision probe (spec rule 10): bf16 log-probs put every advantage on a grid of
-        about 0.03, so a gap well below 1e-3 shows the advantages are not quantised
-        (0.0 when fewer than two distinct values exist).
+        ``opd/{student,teacher}_log_prob_lowp_frac``: the precision probe
+        :func:`low_precision_grid_fraction` of each side's log-probs (about 1.0: the
+        log-probs went through bf16/fp16; near 0: fp32).
         With ``rollout_log_probs``: ``opd/rollout_vs_train_log_prob_abs_diff_{mean,max}``
         of ``|rollout - student|``.
         An all-zero mask gives 0.0 for every value rather than NaN.
@@ -87,7 +137,8 @@ def opd_metrics(
         "opd/advantage_min",
         "opd/advantage_max",
         "opd/teacher_prefers_frac",
-        "opd/advantage_min_gap",
+        "opd/student_log_prob_lowp_frac",
+        "opd/teacher_log_prob_lowp_frac",
     ]
     if rollout_log_probs is not None:
         keys += ["opd/rollout_vs_train_log_prob_abs_diff_mean", "opd/rollout_vs_train_log_prob_abs_diff_max"]
@@ -118,7 +169,8 @@ def opd_metrics(
         "opd/advantage_min": adv.min().item(),
         "opd/advantage_max": adv.max().item(),
         "opd/teacher_prefers_frac": (teacher > student).to(torch.float64).mean().item(),
-        "opd/advantage_min_gap": _min_gap(adv),
+        "opd/student_log_prob_lowp_frac": low_precision_grid_fraction(student_log_probs, mask),
+        "opd/teacher_log_prob_lowp_frac": low_precision_grid_fraction(teacher_log_probs, mask),
     }
     if rollout_log_probs is not None:
         gap = (_masked_values(rollout_log_probs, mask) - student).abs()

@@ -176,13 +176,11 @@ def _warn_biased_sampling(config: DictConfig) -> None:
 def _opd_rules(config: DictConfig, opd: OPDConfig) -> list[tuple[str, Any]]:
     arr = config.actor_rollout_ref
     rules: list[tuple[str, Any]] = [
-        # A reference worker exists only with a reference KL; OPD's trainer replaces the KL
-        # penalty with its own advantage, and the worker loads the teacher in that slot.
+        # verl builds a reference worker only when something reads a reference KL
+        # (verl/trainer/ppo/utils.py need_reference_policy); OPD's worker loads the teacher in that
+        # slot. Nothing else of verl's in-reward KL runs: OPDTrainer._compute_advantage replaces the
+        # step that reads algorithm.kl_penalty / kl_ctrl, so those keys are left as they are.
         ("algorithm.use_kl_in_reward", True),
-        ("algorithm.kl_penalty", "kl"),
-        ("algorithm.kl_ctrl.type", "fixed"),
-        ("algorithm.kl_ctrl.kl_coef", opd.kl_coef),
-        ("algorithm.norm_adv_by_std_in_grpo", False),
         ("trainer.v1.trainer_mode", TRAINER_MODE),
         # The rollout's own log-probs are kept to log their gap to the recomputed ones.
         ("actor_rollout_ref.rollout.calculate_log_probs", True),

@@ -77,11 +77,15 @@ def _corpus(seed: int, n_arithmetic: int = 3000, n_english: int = 1000) -> Itera
         yield " ".join(rng.sample(_ENGLISH, k=3))
 
 
-def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    out_dir: str | Path, vocab_size: int = 512, seed: int = 0, pad_is_eos: bool = False
+) -> PreTrainedTokenizerFast:
     """Train the tiny tokenizer, save it to ``out_dir`` with ``save_pretrained`` and return it.
 
     The same arguments always give byte-identical files, so a teacher and a student built separately
     share exactly the same tokenizer (OPD compares their log-probs token by token).
+    ``pad_is_eos=True`` makes the pad token the EOS token, as many released tokenizers do: the case
+    where a mask built from token ids would drop the sampled EOS (spec rule 4).
     """
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
@@ -103,7 +107,7 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0) -
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=IM_END,
-        pad_token=PAD_TOKEN,
+        pad_token=IM_END if pad_is_eos else PAD_TOKEN,
         unk_token=PAD_TOKEN,  # what Qwen2Tokenizer defaults to, so both load paths agree
         additional_special_tokens=[IM_START],
         model_max_length=512,
