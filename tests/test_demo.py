@@ -22,7 +22,10 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
-ROW = re.compile(r"^(teacher|student before|student after)\s+(\S+)\s+(\S+)\s*$")
+# Set from the spread of 5 runs (see the test's comment and OPD_IMPLEMENTATION_SUMMARY.md): filled in below.
+MIN_ACCURACY_GAIN = 0.2
+MAX_KL_RATIO = 0.8
+ROW = re.compile(r"^(teacher|student before|student after)\s+(\S+)\s+(\S+)\s+(\S+)\s*$")
 STEP_LINE = re.compile(r"^step\s+(\d+)/\d+\s+reverse KL (\S+)")
 
 
@@ -31,12 +34,12 @@ def demo_models_dir() -> Path:
     return Path(os.environ.get("VERL_OPD_DEMO_MODELS", REPO / ".cache" / "verl-opd-demo" / "models"))
 
 
-def _parse_table(text: str) -> dict[str, tuple[float, float]]:
+def _parse_table(text: str) -> dict[str, tuple[float, float, float]]:
     rows = {}
     for line in text.splitlines():
         match = ROW.match(line)
         if match:
-            rows[match.group(1)] = (float(match.group(2)), float(match.group(3)))
+            rows[match.group(1)] = (float(match.group(2)), float(match.group(3)), float(match.group(4)))
     return rows
 
 
@@ -54,14 +57,12 @@ def test_demo_short_run_distills(demo_models_dir: Path, tmp_path: Path, capsys: 
     # one concise line per training step, with the reverse KL
     kl = {int(m.group(1)): float(m.group(2)) for m in map(STEP_LINE.match, printed.splitlines()) if m}
     assert sorted(kl) == list(range(1, STEPS + 1)), printed[-4000:]
-    first, last = statistics.mean(kl[s] for s in (1, 2)), statistics.mean(kl[s] for s in (STEPS - 1, STEPS))
-    assert first > 0, kl
-    assert last < first, kl
+    assert kl[1] > 0, kl
 
     # the final table: teacher, student before, student after; accuracy and reverse KL
     rows = _parse_table(printed)
     assert set(rows) == set(TABLE_ROWS), printed[-2000:]
-    for name, (accuracy, reverse_kl) in rows.items():
+    for name, (accuracy, reverse_kl, _) in rows.items():
         assert 0.0 <= accuracy <= 1.0, (name, accuracy)
         assert reverse_kl >= 0.0 or name != "teacher", (name, reverse_kl)
     assert rows["teacher"][0] >= 0.9, rows
@@ -69,12 +70,17 @@ def test_demo_short_run_distills(demo_models_dir: Path, tmp_path: Path, capsys: 
     assert rows["student before"][1] == pytest.approx(kl[1], abs=1e-3)
     last_kl = [kl[s] for s in range(STEPS - KL_SMOOTHING + 1, STEPS + 1)]
     assert rows["student after"][1] == pytest.approx(statistics.mean(last_kl), abs=1e-3)
+    results = json.loads((tmp_path / RESULTS_NAME).read_text())
     assert rows["student before"][0] < rows["teacher"][0], rows
-    # the default student's off-by-one habit is corrected within a few steps (about 0.17 -> 0.8 by step 6)
-    assert rows["student after"][0] > rows["student before"][0] + 0.2, rows
+    # Learning, measured without sampling noise: verl's greedy validation accuracy and the exact held-out
+    # reverse KL (teacher-forced, full vocabulary) before and after. The per-step KL above is a one-sample
+    # estimate per token and is not compared (it flipped in CI). Margins: see MIN_ACCURACY_GAIN / MAX_KL_RATIO.
+    assert rows["student after"][0] >= rows["student before"][0] + MIN_ACCURACY_GAIN, rows
+    before_kl, after_kl = rows["student before"][2], rows["student after"][2]
+    assert before_kl > 0 and after_kl <= MAX_KL_RATIO * before_kl, rows
+    assert results["student_after"]["held_out_kl"] == pytest.approx(after_kl, abs=1e-3)
 
     # numbers, plot and log in the workdir; accuracies are verl's validation at step 0 and the last step
-    results = json.loads((tmp_path / RESULTS_NAME).read_text())
     assert sorted(int(s) for s in results["val_accuracy"]) == [0, 3, STEPS]
     assert results["student_before"]["accuracy"] == results["val_accuracy"]["0"]
     assert results["student_after"]["accuracy"] == results["val_accuracy"][str(STEPS)]
@@ -101,5 +107,5 @@ def test_summary_rows_come_from_validation_and_trailing_kl() -> None:
     assert summary["student_after"]["reverse_kl_steps"] == list(range(8 - KL_SMOOTHING, 8))
     assert summary["step_time_s_mean"] == pytest.approx(statistics.mean(2.0 + s for s in range(2, 8)))
     table = format_table(summary)
-    assert _parse_table(table)["student after"] == (0.8, round(statistics.mean(kl[-KL_SMOOTHING:]), 3))
+    assert _parse_table(table)["student after"][:2] == (0.8, round(statistics.mean(kl[-KL_SMOOTHING:]), 3))
     assert f"mean of steps {8 - KL_SMOOTHING}-7" in table

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+from verl_opd.tiny.evaluate import held_out_reverse_kl
 
 pytestmark = pytest.mark.e2e
 
 LEARN_STEPS = 20
 SAVE_EVERY = 10
 TASK_COEF = 0.5
+# Held-out exact KL after LEARN_STEPS steps over before: set from the spread of repeated runs (see the summary doc).
+MAX_KL_RATIO = 0.8
 REWARD = Path(__file__).parent / "assets" / "digit_fraction_reward.py"
 
 
@@ -29,6 +32,7 @@ def _opd_args(tiny, cpu_args, steps: int, ckpt_dir, student=None) -> list[str]:
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
         f"trainer.default_local_dir={ckpt_dir}",
         f"trainer.save_freq={SAVE_EVERY}",
+        "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
     ]
 
 
@@ -53,10 +57,13 @@ def test_opd_stock_config_learns_saves_and_resumes(tiny, trained_pair, cpu_args,
         assert m["opd/response_tokens_after_eos"] == 0, step  # padding never in the mask
         assert m["opd/rollout_vs_train_log_prob_abs_diff_max"] < 1e-3, step
         assert m["actor/grad_norm"] > 0, step
-    first = statistics.mean(run.steps[s]["opd/reverse_kl"] for s in (1, 2, 3))
-    last = statistics.mean(run.steps[s]["opd/reverse_kl"] for s in (LEARN_STEPS - 2, LEARN_STEPS - 1, LEARN_STEPS))
-    assert first > 0
-    assert last < first, (first, last)
+    # Learning, measured without sampling noise: the exact reverse KL to the teacher, teacher-forced on the
+    # teacher's greedy answers to the held-out prompts, of the student before and after (verl's Hugging Face
+    # copy of the last checkpoint). The per-step KL above is a one-sample-per-token estimate: not compared.
+    before = held_out_reverse_kl(trained_pair.student, teacher, tiny.test)
+    after = held_out_reverse_kl(ckpt / f"global_step_{LEARN_STEPS}" / "actor" / "huggingface", teacher, tiny.test)
+    print(f"held-out reverse KL: before {before:.4f}, after {after:.4f} (ratio {after / before:.3f})")
+    assert before > 0 and after <= MAX_KL_RATIO * before, (before, after)
 
     # the teacher is not in the checkpoint, its identity is
     step_dir = ckpt / f"global_step_{LEARN_STEPS}"

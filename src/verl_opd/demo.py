@@ -7,7 +7,10 @@
    output goes to ``<workdir>/main_ppo.log``; one line per training step is printed here (reverse KL, and
    verl's greedy validation accuracy on the held-out set every ``--test-freq`` steps).
 3. Prints a teacher / student-before / student-after table of accuracy and reverse KL, and writes
-   ``demo_results.json`` and ``demo_plot.png`` to the workdir.
+   ``demo_results.json`` and ``demo_plot.png`` to the workdir. The last step's student is saved as a
+   Hugging Face model (``<workdir>/checkpoints/global_step_N/actor/huggingface``); its exact reverse KL
+   to the teacher on fixed held-out sequences (:func:`verl_opd.tiny.evaluate.held_out_reverse_kl`) is
+   the table's low-variance column.
 
 Students (``--student``, see :mod:`verl_opd.tiny.demo_models`): ``habit`` (default), the teacher with a
 learned off-by-one habit, which OPD corrects in a few dozen steps; ``small``, a smaller and weaker SFT
@@ -53,7 +56,9 @@ PLOT_NAME = "demo_plot.png"
 KL_KEY = "opd/reverse_kl"
 KL_SMOOTHING = 5
 VAL_PREFIX = "val-core/"
-TABLE_HEADER = f"{'':<16}{'accuracy':>10}{'reverse KL':>12}"
+TABLE_HEADER = f"{'':<16}{'accuracy':>10}{'reverse KL':>12}{'held-out KL':>13}"
+# verl saves a Hugging Face copy of the student next to its own checkpoint files when asked to.
+HF_CONTENTS = "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]"
 TABLE_ROWS = ("teacher", "student before", "student after")
 
 Printer = Callable[[str], None]
@@ -203,8 +208,14 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def summarize(models: dict[str, Any], steps: dict[int, dict[str, float]]) -> dict[str, Any]:
-    """The demo's numbers: per-step series and the teacher / student-before / student-after rows."""
+def summarize(
+    models: dict[str, Any], steps: dict[int, dict[str, float]], held_out_kl: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """The demo's numbers: per-step series and the teacher / student-before / student-after rows.
+
+    ``held_out_kl`` (``before``/``after``) is the exact held-out reverse KL of the student before and after.
+    """
+    held_out_kl = held_out_kl or {}
     train_steps = sorted(s for s in steps if s > 0 and KL_KEY in steps[s])
     val = validation_curve(steps)
     kl = {s: steps[s][KL_KEY] for s in train_steps}
@@ -212,11 +223,12 @@ def summarize(models: dict[str, Any], steps: dict[int, dict[str, float]]) -> dic
     step_times = [steps[s]["timing_s/step"] for s in train_steps[1:] if "timing_s/step" in steps[s]]
     first_val, last_val = (min(val), max(val)) if val else (None, None)
     return {
-        "teacher": {"accuracy": models["teacher_accuracy"], "reverse_kl": 0.0},
+        "teacher": {"accuracy": models["teacher_accuracy"], "reverse_kl": 0.0, "held_out_kl": 0.0},
         "student_before": {
             "accuracy": val.get(0) if 0 in val else None,
             "accuracy_step": first_val,
             "reverse_kl": kl[train_steps[0]] if train_steps else None,
+            "held_out_kl": held_out_kl.get("before"),
         },
         "student_after": {
             "accuracy": val[last_val] if val else None,
@@ -224,6 +236,7 @@ def summarize(models: dict[str, Any], steps: dict[int, dict[str, float]]) -> dic
             # the per-step value is a one-sample-per-token estimate: the table reports the mean of the last steps
             "reverse_kl": sum(kl[s] for s in last_kl_steps) / len(last_kl_steps) if last_kl_steps else None,
             "reverse_kl_steps": last_kl_steps,
+            "held_out_kl": held_out_kl.get("after"),
         },
         "student_accuracy_at_build": models["student_accuracy"],
         "val_accuracy": {str(s): v for s, v in val.items()},
@@ -241,10 +254,13 @@ def format_table(summary: dict[str, Any]) -> str:
     lines = [TABLE_HEADER]
     for name, key in zip(TABLE_ROWS, ("teacher", "student_before", "student_after"), strict=True):
         row = summary[key]
-        lines.append(f"{name:<16}{cell(row['accuracy'], 10)}{cell(row['reverse_kl'], 12)}")
+        lines.append(
+            f"{name:<16}{cell(row['accuracy'], 10)}{cell(row['reverse_kl'], 12)}{cell(row.get('held_out_kl'), 13)}"
+        )
     kl_steps = summary["student_after"].get("reverse_kl_steps") or []
     if kl_steps:
         lines.append(f"(reverse KL before: step 1; after: mean of steps {kl_steps[0]}-{kl_steps[-1]})")
+    lines.append("(held-out KL: exact, per token, teacher-forced on the teacher's greedy held-out answers)")
     return "\n".join(lines)
 
 
@@ -331,6 +347,13 @@ def run_demo(
         response_length=response_length,
         checkpoint_dir=work / "checkpoints",
     ) + opd_args(models["teacher"])
+    # Keep the last step's student, also as a Hugging Face model, for the held-out KL below (and for the user);
+    # a fresh run every time (verl's default resume_mode=auto would resume the previous demo's checkpoint).
+    args = [a for a in args if not a.startswith("trainer.save_freq=")] + [
+        f"trainer.save_freq={steps}",
+        HF_CONTENTS,
+        "trainer.resume_mode=disable",
+    ]
     out(
         f"[2/3] OPD with verl's main_ppo on CPU: {steps} steps, {batch_size} prompts x {n} samples/step, lr {lr}, "
         f"validation every {test_freq} steps"
@@ -348,7 +371,14 @@ def run_demo(
         out(f"verl-opd demo: main_ppo exited 0 but printed no training step; full log: {log_path}")
         return 1
 
-    summary = summarize(models, steps_seen)
+    from verl_opd.tiny.evaluate import held_out_reverse_kl
+
+    final_student = work / "checkpoints" / f"global_step_{steps}" / "actor" / "huggingface"
+    held_out_kl = {
+        "before": held_out_reverse_kl(models["student"], models["teacher"], models["test"]),
+        "after": held_out_reverse_kl(final_student, models["teacher"], models["test"]),
+    }
+    summary = summarize(models, steps_seen, held_out_kl)
     summary.update(
         settings={
             "steps": steps,
@@ -363,6 +393,7 @@ def run_demo(
         },
         seconds={"models": round(build_s, 1), "main_ppo": round(train_s, 1), "total": None},
         models={k: models[k] for k in ("teacher", "student", "train", "test")},
+        final_student=str(final_student),
         main_ppo_args=args,
         log=str(log_path),
     )
