@@ -98,7 +98,7 @@ def test_summary_rows_come_from_validation_and_trailing_kl() -> None:
     steps[7]["val-core/addition/acc/mean@1"] = 0.8
     models = {"teacher_accuracy": 0.95, "student_accuracy": 0.2}
 
-    summary = summarize(models, steps)
+    summary = summarize(models, steps, {"before": 0.4321, "after": 0.0765})
 
     assert summary["val_accuracy"] == {"0": 0.2, "3": 0.5, "7": 0.8}
     assert summary["student_before"]["accuracy"] == 0.2 and summary["student_after"]["accuracy"] == 0.8
@@ -107,5 +107,6 @@ def test_summary_rows_come_from_validation_and_trailing_kl() -> None:
     assert summary["student_after"]["reverse_kl_steps"] == list(range(8 - KL_SMOOTHING, 8))
     assert summary["step_time_s_mean"] == pytest.approx(statistics.mean(2.0 + s for s in range(2, 8)))
     table = format_table(summary)
-    assert _parse_table(table)["student after"][:2] == (0.8, round(statistics.mean(kl[-KL_SMOOTHING:]), 3))
+    assert _parse_table(table)["student after"] == (0.8, round(statistics.mean(kl[-KL_SMOOTHING:]), 3), 0.077)
+    assert _parse_table(table)["student before"][2] == 0.432 and _parse_table(table)["teacher"][2] == 0.0
     assert f"mean of steps {8 - KL_SMOOTHING}-7" in table
