@@ -140,7 +140,7 @@ def _check_types(node: Any, prefix: str) -> None:
         else:
             matches = isinstance(value, allowed) or (float in allowed and isinstance(value, int))
         if not matches:
-            expected = " or ".join(_TYPE_WORDS[t] for t in allowed)
+            expected = " or ".join(_TYPE_WORDS.get(t, t.__name__) for t in allowed)
             raise OPDConfigError(f"{key}={value!r} ({type(value).__name__}) must be {expected}.")
 
 
