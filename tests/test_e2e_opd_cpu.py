@@ -69,7 +69,7 @@ def test_opd_stock_config_learns_saves_and_resumes(tiny, trained_pair, cpu_args,
     step_dir = ckpt / f"global_step_{LEARN_STEPS}"
     identity = json.loads((step_dir / "opd_teacher.json").read_text())
     assert identity["model_path"] == str(teacher)
-    assert len(identity["fingerprint"]) == 64
+    assert len(identity["fingerprint"]) == 64 and identity["fingerprint_scheme"] == 2
     saved = {p.name for p in (step_dir / "actor").rglob("*")}
     assert not any("teacher" in name for name in saved)
 
@@ -87,6 +87,8 @@ def test_opd_stock_config_learns_saves_and_resumes(tiny, trained_pair, cpu_args,
     )
     assert resumed.returncode == 0, resumed.tail()
     assert sorted(resumed.steps) == [LEARN_STEPS + 1, LEARN_STEPS + 2], resumed.tail()
+    # verl's real checkpoint files pass the damaged-file check; the changed setting is logged
+    assert "opd.task_reward_coef changed: 0.0 -> 0.5" in resumed.output
     for step, m in resumed.steps.items():
         # per sequence: sum_t r_t = -kl_coef * sum_t d_t + task_reward_coef * R  (verl logs the mean of sum_t r_t)
         assert m["critic/score/min"] > 0, step  # the reward is never zero, so the identity below tests the mix

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -11,8 +12,9 @@ import sys
 
 import pytest
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
-from verl_opd.opd_config import OPDConfigError, apply_opd_settings
+from verl_opd.opd_config import OPDConfig, OPDConfigError, TeacherConfig, apply_opd_settings
 from verl_opd.tokenizer_check import TokenizerMismatchError, compare_tokenizers
 
 
@@ -95,7 +97,18 @@ def test_shipped_config_needs_no_extra_keys(tiny):
         (["+opd.discount=1.5"], "opd.discount=1.5 must be in [0, 1]"),
         (["+opd.sampler_poll_s=0"], "opd.sampler_poll_s=0 must be a finite number of seconds > 0"),
         (["+opd.teacher.dtype=int8"], "opd.teacher.dtype='int8'"),
-        (["+opd.temprature=1"], "Unknown opd keys ['temprature']"),
+        (["+opd.temprature=1"], "Unknown opd keys ['opd.temprature']; valid keys: ['opd.allow_teacher_change',"),
+        (
+            ["+opd.teacher.dtyp=bfloat16"],
+            "Unknown opd keys ['opd.teacher.dtyp']; valid keys: ['opd.teacher.dtype', 'opd.teacher.model_path', "
+            "'opd.teacher.offload']",
+        ),
+        (["+opd.kl_coef=abc"], "opd.kl_coef='abc' (str) must be a number"),
+        (["+opd.discount=null"], "opd.discount=None (NoneType) must be a number"),
+        (["+opd.teacher.offload=yes"], "opd.teacher.offload='yes' (str) must be true or false"),
+        (["+opd.check_tokenizers=no"], "opd.check_tokenizers='no' (str) must be true or false"),
+        (["+opd.allow_teacher_change=1"], "opd.allow_teacher_change=1 (int) must be true or false"),
+        (["+opd.task_reward_coef=true"], "opd.task_reward_coef=True (bool) must be a number"),
         (["trainer.device=cpu", "+opd.teacher.offload=True"], "Set opd.teacher.offload=False"),
     ],
 )
@@ -103,6 +116,16 @@ def test_conflicting_settings_are_refused(tiny, extra, expected):
     with pytest.raises(OPDConfigError) as error:
         apply_opd_settings(_compose(_opd(tiny, *extra)))
     assert expected in str(error.value)
+
+
+def test_opd_node_shape_is_checked_against_the_dataclasses():
+    """A scalar where a node belongs is refused by key; a null node means that node's defaults."""
+    with pytest.raises(OPDConfigError, match=r"opd.teacher='abc' must be a mapping with the keys"):
+        OPDConfig.from_config(OmegaConf.create({"opd": {"teacher": "abc"}}))
+    assert OPDConfig.from_config(OmegaConf.create({"opd": {"teacher": None}})).teacher == TeacherConfig()
+    wrong = dataclasses.replace(OPDConfig(), teacher={"model_path": "x"})  # built in code, not from a config
+    with pytest.raises(OPDConfigError, match=r"opd.teacher must be a TeacherConfig"):
+        wrong.validate()
 
 
 def test_missing_or_unreadable_teacher(tiny, tmp_path):
@@ -180,7 +203,6 @@ def test_trainer_replay_buffer_polls_at_the_opd_interval(tiny):
     """OPD's trainer hook hands verl's own sync replay buffer ``opd.sampler_poll_s`` (verl's default: 2 s)."""
     from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
 
-    from verl_opd.opd_config import OPDConfig
     from verl_opd.trainer import OPDTrainer
 
     config = _compose(_opd(tiny, "+opd.sampler_poll_s=0.05"))

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,11 @@ TRAINER_MODE = "opd"
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 _PRECISION_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 LEGACY_TEACHER_KEY = "actor_rollout_ref.ref.model.path"
+
+
+# How an error message names the types the opd dataclasses' fields are annotated with.
+_TYPE_WORDS = {bool: "true or false", float: "a number", str: "a string", type(None): "null"}
+_Node = typing.TypeVar("_Node")
 
 
 class OPDConfigError(ValueError):
@@ -60,18 +66,14 @@ class OPDConfig:
 
     @classmethod
     def from_config(cls, config: DictConfig) -> OPDConfig:
-        """Read the ``opd`` node of a verl config (defaults where absent)."""
+        """Read the ``opd`` node of a verl config (defaults where absent); unknown keys are refused."""
         node = OmegaConf.select(config, "opd")
-        values: dict[str, Any] = OmegaConf.to_container(node, resolve=True) if node is not None else {}
-        teacher = TeacherConfig(**(values.pop("teacher", None) or {}))
-        known = {name for name in cls.__dataclass_fields__ if name != "teacher"}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise OPDConfigError(f"Unknown opd keys {unknown}; valid keys: {sorted(known)} and opd.teacher.*.")
-        return cls(teacher=teacher, **values)
+        values = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+        return _build(cls, values, "opd")
 
     def validate(self) -> None:
-        """Raise :class:`OPDConfigError` for values the math does not allow."""
+        """Raise :class:`OPDConfigError` for values of the wrong type or that the math does not allow."""
+        _check_types(self, "opd")
         if not self.teacher.model_path:
             raise OPDConfigError(
                 "algorithm.adv_estimator=opd needs a teacher: set opd.teacher.model_path=<path to the teacher model> "
@@ -94,6 +96,52 @@ class OPDConfig:
             raise OPDConfigError(
                 f"opd.sampler_poll_s={self.sampler_poll_s} must be a finite number of seconds > 0 (default 0.2)."
             )
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """A dataclass's field names and their annotated types (resolved: this module postpones annotations)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _build(cls: type[_Node], values: Any, prefix: str) -> _Node:
+    """Build dataclass ``cls`` from the config mapping at ``prefix``, refusing keys it does not have."""
+    types = _field_types(cls)
+    valid = sorted(
+        f"{prefix}.{name}.*" if dataclasses.is_dataclass(kind) else f"{prefix}.{name}" for name, kind in types.items()
+    )
+    if not isinstance(values, dict):
+        raise OPDConfigError(f"{prefix}={values!r} must be a mapping with the keys {valid}.")
+    unknown = sorted(f"{prefix}.{name}" for name in set(values) - set(types))
+    if unknown:
+        raise OPDConfigError(f"Unknown opd keys {unknown}; valid keys: {valid}.")
+    kwargs = {}
+    for name, value in values.items():
+        kind = types[name]
+        if dataclasses.is_dataclass(kind):
+            # a null node (``teacher:`` with nothing under it in YAML) means that node's defaults
+            value = _build(kind, {} if value is None else value, f"{prefix}.{name}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _check_types(node: Any, prefix: str) -> None:
+    """Refuse a field whose value is not of its annotated type (an int passes for a float; a bool only for a bool)."""
+    for name, kind in _field_types(type(node)).items():
+        key, value = f"{prefix}.{name}", getattr(node, name)
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, kind):
+                raise OPDConfigError(f"{key} must be a {kind.__name__}, not {value!r}.")
+            _check_types(value, key)
+            continue
+        allowed = typing.get_args(kind) or (kind,)
+        if isinstance(value, bool):
+            matches = bool in allowed
+        else:
+            matches = isinstance(value, allowed) or (float in allowed and isinstance(value, int))
+        if not matches:
+            expected = " or ".join(_TYPE_WORDS.get(t, t.__name__) for t in allowed)
+            raise OPDConfigError(f"{key}={value!r} ({type(value).__name__}) must be {expected}.")
 
 
 def teacher_precision(dtype: str) -> dict[str, str]:
