@@ -18,6 +18,8 @@ SAVE_EVERY = 10
 TASK_COEF = 0.5
 # Held-out exact KL after LEARN_STEPS steps over before: set from the spread of repeated runs (see the summary doc).
 MAX_KL_RATIO = 0.8
+# actor/grad_norm bound with IS weights capped at 1e-6 (an ordinary step here: see the test)
+GRAD_NORM_WITH_TINY_IS_WEIGHTS = 1e-3
 REWARD = Path(__file__).parent / "assets" / "digit_fraction_reward.py"
 
 
@@ -171,3 +173,27 @@ def test_opd_pad_equals_eos_and_task_reward_credits_every_token(pad_eos, cpu_arg
     assert m["critic/score/min"] > 0, m
     assert m["critic/advantages/min"] == pytest.approx(TASK_COEF * m["critic/score/min"], abs=1e-5), m
     assert m["critic/advantages/max"] == pytest.approx(TASK_COEF * m["critic/score/max"], abs=1e-5), m
+
+
+def test_opd_rollout_importance_weights_reach_the_loss(tiny, cpu_args, main_ppo, tmp_path):
+    """verl's rollout correction (decoupled mode) is honoured by OPD's advantage step.
+
+    With token-level truncated IS weights capped at 1e-6, verl's policy loss multiplies every token's term by
+    about 1e-6: the gradient all but vanishes although the advantages (a distinct teacher) are of order 1.
+    If OPD's step dropped the weights, the update would be an ordinary one (grad norm of order 0.1-1 here).
+    """
+    args = cpu_args(tiny, steps=1, batch=4) + [
+        "actor_rollout_ref.rollout.n=1",
+        "algorithm.adv_estimator=opd",
+        f"+opd.teacher.model_path={tiny.teacher}",
+        "algorithm.rollout_correction.rollout_is=token",
+        "algorithm.rollout_correction.rollout_is_threshold=1e-6",
+        "trainer.save_freq=-1",
+    ]
+    run = main_ppo(args, cwd=tmp_path)
+    assert run.returncode == 0, run.tail()
+    m = run.steps[1]
+    print(f"grad_norm with IS cap 1e-6: {m['actor/grad_norm']:.3e}")
+    assert any(key.startswith("rollout_corr/") for key in m), sorted(m)
+    assert m["opd/advantage_max"] - m["opd/advantage_min"] > 0.05, m
+    assert m["actor/grad_norm"] < GRAD_NORM_WITH_TINY_IS_WEIGHTS, m

@@ -92,6 +92,7 @@ def test_shipped_config_needs_no_extra_keys(tiny):
         (["actor_rollout_ref.actor.use_kl_loss=True"], "actor_rollout_ref.actor.use_kl_loss=False"),
         (["trainer.use_v1=False"], "Set trainer.use_v1=True"),
         (["distillation.enabled=True"], "set distillation.enabled=False"),
+        (["algorithm.rollout_correction.bypass_mode=True"], "Set algorithm.rollout_correction.bypass_mode=False"),
         (["actor_rollout_ref.model.lora_rank=8"], "actor_rollout_ref.model.lora_rank=0"),
         (["+opd.kl_coef=0"], "opd.kl_coef=0 must be"),
         (["+opd.discount=1.5"], "opd.discount=1.5 must be in [0, 1]"),

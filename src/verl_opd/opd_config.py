@@ -183,6 +183,14 @@ def _refuse_conflicts(config: DictConfig, opd: OPDConfig) -> None:
             "reference slot, so that loss would pull the student towards the teacher twice. "
             "Set actor_rollout_ref.actor.use_kl_loss=False."
         )
+    if OmegaConf.select(config, "algorithm.rollout_correction.bypass_mode"):
+        raise OPDConfigError(
+            "algorithm.rollout_correction.bypass_mode=True makes verl skip the student's log-prob recompute and "
+            "use the rollout engine's log-probs as old_log_probs: OPD's advantage would then rest on the sampler's "
+            "numerics, and their gap to the trainer's (opd/rollout_vs_train_log_prob_abs_diff_*) would read 0 "
+            "without being measured. Set algorithm.rollout_correction.bypass_mode=False (verl's decoupled mode, "
+            "where rollout_is / rollout_rs are applied by OPD's advantage step as by verl's)."
+        )
     if OmegaConf.select(config, "distillation.enabled"):
         raise OPDConfigError(
             "distillation.enabled=True turns on verl's built-in distillation, a second teacher path. "

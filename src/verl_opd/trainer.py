@@ -26,11 +26,13 @@ import os
 
 import numpy as np
 import ray
+import torch
 import transfer_queue as tq
 from omegaconf import DictConfig, open_dict
 from tensordict import TensorDict
 from verl.protocol import DataProto
 from verl.trainer.ppo import core_algos
+from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_add_to_batch
 from verl.trainer.ppo.utils import Role
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
@@ -80,42 +82,13 @@ class OPDTrainer(PPOTrainerSync):
         return buffer
 
     def _compute_advantage(self, batch, metrics: dict):  # noqa: ANN001 - verl's KVBatchMeta
-        """Per-token KL reward -> verl's registered ``opd`` estimator -> advantages, as verl does for its own.
-
-        verl's base method (``verl/trainer/ppo/v1/trainer_base.py``, ``_compute_advantage``) applies the
-        in-reward KL penalty and calls ``compute_advantage``, which passes no log-probs and no extra keywords
-        to an estimator; OPD needs both, so this override computes ``r_t`` here and calls the estimator
-        itself, looked up by name in verl's registry.
-        """
+        """Read the step's tensors from verl's TransferQueue, run :func:`opd_advantage_step`, write back."""
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=_FIELDS)
         nested_mask = data["response_mask"]
-        tensors = DataProto(batch=data.to_padded_tensor()).batch
-        uids = np.array(tensors.pop("uid").tolist(), dtype=object)
-        mask = tensors["response_mask"]
-        student, teacher = tensors["old_log_probs"], tensors["ref_log_prob"]
-
-        kl_rewards = opd_token_rewards(student, teacher, mask, self.opd.kl_coef)
-        # verl's reward loop puts the sequence's score on its last token; the sum is R wherever it sits.
-        scores = tensors["rm_scores"].to(kl_rewards.dtype)
-        estimator = core_algos.get_adv_estimator_fn(self.config.algorithm.adv_estimator)
-        advantages, returns = estimator(
-            token_level_rewards=kl_rewards,
-            response_mask=mask,
-            config=self.config.algorithm,
-            index=uids,
-            discount=self.opd.discount,
-            sequence_rewards=scores.sum(dim=-1),
-            task_reward_coef=self.opd.task_reward_coef,
-        )
-        metrics.update(opd_metrics(student, teacher, mask, advantages, tensors.get("rollout_log_probs", None)))
-        metrics.update(eos_metrics(tensors["responses"], mask, self._eos_token_ids()))
-
-        output = {
-            "advantages": advantages,
-            "returns": returns,
-            # What verl logs as critic/rewards: per sequence, -kl_coef * sum_t d_t + task_reward_coef * R.
-            "token_level_rewards": kl_rewards + self.opd.task_reward_coef * scores,
-        }
+        proto = DataProto(batch=data.to_padded_tensor())
+        uids = np.array(proto.batch.pop("uid").tolist(), dtype=object)
+        output, step_metrics = opd_advantage_step(proto, uids, self.opd, self.config.algorithm, self._eos_token_ids())
+        metrics.update(step_metrics)
         nested = TensorDict(
             {name: response_to_nested(value, nested_mask) for name, value in output.items()}, batch_size=len(batch)
         )
@@ -130,3 +103,76 @@ class OPDTrainer(PPOTrainerSync):
         step_dir = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
         write_teacher_identity(step_dir, self.opd)
         super()._save_checkpoint()
+
+
+def opd_advantage_step(
+    proto: DataProto, uids: np.ndarray, opd: OPDConfig, algorithm: DictConfig, eos_token_ids: list[int]
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One step's OPD advantage, in the order of verl's own advantage step, with the KL reward in place of its.
+
+    verl's base method (``verl/trainer/ppo/v1/trainer_base.py``, ``_compute_advantage``): (1) in-reward KL
+    penalty, (2) rollout correction, (3) ``compute_advantage``, which passes no log-probs and no extra
+    keywords to an estimator. OPD keeps (2) as verl does it and replaces (1) and (3):
+
+    1. rollout correction (``algorithm.rollout_correction``), verl's own function, as verl applies it:
+       importance weights ``rollout_is_weights`` for the policy loss and rejection sampling folded into
+       ``response_mask``, both written back for the update. Rejected tokens get advantage 0.
+    2. the per-token KL reward ``r_t`` from the student's recomputed ``old_log_probs`` and the teacher's
+       ``ref_log_prob``;
+    3. verl's registered ``opd`` estimator, looked up by name (``get_adv_estimator_fn``), with verl's
+       ``uid`` groups and the task reward.
+
+    The ``opd/*`` metrics describe every sampled token (the mask before rejection): rejected tokens are
+    the ones where the rollout and the trainer disagree most, and the gap metric must see them.
+
+    Args:
+        proto: padded tensors ``responses``, ``response_mask``, ``rm_scores``, ``old_log_probs``,
+            ``ref_log_prob`` and (when the rollout reported them) ``rollout_log_probs``.
+        uids: verl's uid per row (the prompt's samples share one).
+        opd: the run's OPD settings.
+        algorithm: verl's ``algorithm`` config node.
+        eos_token_ids: ids that end a response, for the EOS metrics.
+
+    Returns:
+        ``(fields to write back, metrics)``.
+    """
+    tensors = proto.batch
+    sampled_mask = tensors["response_mask"]
+    student, teacher = tensors["old_log_probs"], tensors["ref_log_prob"]
+    rollout = tensors.get("rollout_log_probs", None)
+    output: dict[str, torch.Tensor] = {}
+    metrics: dict[str, float] = {}
+
+    correction = algorithm.get("rollout_correction", None)
+    if correction is not None and rollout is not None:
+        # bypass_mode is refused in the driver (opd_config), so old_log_probs is a real recompute here.
+        proto, correction_metrics = compute_rollout_correction_and_add_to_batch(proto, correction)
+        metrics.update(correction_metrics)
+        output["response_mask"] = proto.batch["response_mask"]
+        if "rollout_is_weights" in proto.batch:
+            output["rollout_is_weights"] = proto.batch["rollout_is_weights"]
+    mask = proto.batch["response_mask"]
+
+    kl_rewards = opd_token_rewards(student, teacher, mask, opd.kl_coef)
+    # verl's reward loop puts the sequence's score on its last token; the sum is R wherever it sits.
+    scores = tensors["rm_scores"].to(kl_rewards.dtype)
+    estimator = core_algos.get_adv_estimator_fn(algorithm.adv_estimator)
+    advantages, returns = estimator(
+        token_level_rewards=kl_rewards,
+        response_mask=mask,
+        config=algorithm,
+        index=uids,
+        discount=opd.discount,
+        sequence_rewards=scores.sum(dim=-1),
+        task_reward_coef=opd.task_reward_coef,
+    )
+    # The metrics' advantages are those of the sampled tokens (rejected ones read 0 there).
+    metrics.update(opd_metrics(student, teacher, sampled_mask, advantages, rollout))
+    metrics.update(eos_metrics(tensors["responses"], sampled_mask, eos_token_ids))
+    output.update(
+        advantages=advantages,
+        returns=returns,
+        # What verl logs as critic/rewards: per sequence, -kl_coef * sum_t d_t + task_reward_coef * R.
+        token_level_rewards=kl_rewards + opd.task_reward_coef * scores,
+    )
+    return output, metrics
