@@ -83,7 +83,7 @@ def add_tiny_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--num-kv-heads", type=int, default=2)
     p.add_argument("--intermediate-size", type=int, default=None, help="default: 2 * hidden size")
-    p.add_argument("--max-position-embeddings", type=int, default=512)
+    p.add_argument("--max-position-embeddings", type=int, default=8192)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_tiny_model)
 

@@ -256,12 +256,14 @@ def _opd_rules(config: DictConfig, opd: OPDConfig) -> list[tuple[str, Any]]:
 def apply_opd_settings(config: DictConfig) -> list[str]:
     """Validate an OPD run and set what it needs in ``config``; return the ``key=value`` changes."""
     from verl_opd.checkpoint_identity import check_resume_teacher
+    from verl_opd.teacher_fit import check_teacher_fits
     from verl_opd.tokenizer_check import assert_compatible_tokenizers
 
     _take_legacy_teacher_key(config)
     opd = OPDConfig.from_config(config)
     opd.validate()
     _refuse_conflicts(config, opd)
+    check_teacher_fits(config, opd.teacher.model_path)
     _warn_biased_sampling(config)
     if opd.check_tokenizers:
         assert_compatible_tokenizers(config.actor_rollout_ref.model.path, opd.teacher.model_path)

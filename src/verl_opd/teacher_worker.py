@@ -14,12 +14,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
 from verl.single_controller.base.decorator import Dispatch, register
-from verl.utils.config import omega_conf_to_dataclass
-from verl.workers.config import FSDPOptimizerConfig
+from verl.workers.config import FSDPOptimizerConfig, HFModelConfig, MtpConfig
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker, TrainingWorkerConfig
 
 from verl_opd.opd_config import teacher_precision
@@ -27,19 +24,40 @@ from verl_opd.opd_config import teacher_precision
 logger = logging.getLogger(__name__)
 
 
-def teacher_model_config(student_model: DictConfig, teacher_path: str) -> Any:
-    """The student's model node with the teacher's path (tokenizer and HF config follow the path)."""
-    node = OmegaConf.merge(
-        student_model,
-        {
-            "path": teacher_path,
-            "hf_config_path": None,
-            "tokenizer_path": None,
-            "lora_rank": 0,
-            "lora_adapter_path": None,
-        },
+def teacher_model_config(ref_model: HFModelConfig, teacher_path: str) -> HFModelConfig:
+    """verl's reference-model config with the teacher swapped in: what the ref slot builds, minus the student.
+
+    verl builds its ref model from a deep copy of the student's ``HFModelConfig`` with MTP
+    forced off (verl/workers/engine_workers.py:556-557). Everything that describes the run
+    (``use_remove_padding``, fused kernels, ``trust_remote_code``, ``use_shm``) is kept;
+    what describes the student is replaced:
+
+    * path, tokenizer and HF config: the teacher's (``hf_config_path`` and ``tokenizer_path``
+      reset to ``None`` follow ``path``, verl/workers/config/model.py:151-154; ``__post_init__``
+      then reloads the tokenizer and the HF config from there, model.py:156-222);
+    * ``override_config``: the student's HF-config overrides (dropout, rope, ...) are about the
+      student's architecture and must not reach the teacher's. ``attn_implementation`` is kept:
+      it depends on the run's hardware and installed kernels (verl defaults it to
+      flash_attention_2, model.py:185; a CPU run needs sdpa), not on the model;
+    * MTP off (as verl's ref, and so ``__post_init__`` zeroes MTP layer counts, model.py:238-244);
+    * no LoRA: a LoRA rank makes verl wrap the teacher in a PEFT adapter (fsdp/transformer_impl.py:162, :598-599);
+    * no gradient checkpointing or activation offload (transformer_impl.py:335, :477-479): the
+      teacher only runs forward passes and keeps no activations.
+    """
+    overrides = ref_model.override_config
+    return dataclasses.replace(
+        ref_model,
+        path=teacher_path,
+        hf_config_path=None,
+        tokenizer_path=None,
+        override_config={k: overrides[k] for k in ("attn_implementation",) if k in overrides},
+        mtp=MtpConfig(enable=False),
+        lora_rank=0,
+        lora={},
+        lora_adapter_path=None,
+        enable_gradient_checkpointing=False,
+        enable_activation_offload=False,
     )
-    return omega_conf_to_dataclass(node)
 
 
 class TeacherWorker(TrainingWorker):
@@ -51,7 +69,8 @@ class TeacherWorker(TrainingWorker):
     (AdamW allocates its state lazily at the first step, so it costs no memory).
     """
 
-    def __init__(self, config: TrainingWorkerConfig, teacher_model: Any, dtype: str, offload: bool):
+    def __init__(self, config: TrainingWorkerConfig, teacher_path: str, dtype: str, offload: bool):
+        teacher_model = teacher_model_config(config.model_config, teacher_path)
         engine_config = dataclasses.replace(
             config.engine_config, forward_only=offload, mixed_precision=teacher_precision(dtype)
         )
@@ -77,7 +96,7 @@ class OPDWorker(ActorRolloutRefWorker):
         opd = self.config.opd
         self.ref_worker_cls = functools.partial(
             TeacherWorker,
-            teacher_model=teacher_model_config(self.config.model, opd.teacher.model_path),
+            teacher_path=opd.teacher.model_path,
             dtype=opd.teacher.dtype,
             offload=opd.teacher.offload,
         )

@@ -24,7 +24,7 @@ def build_model(
     num_kv_heads: int = 2,
     intermediate_size: int | None = None,
     seed: int = 0,
-    max_position_embeddings: int = 512,
+    max_position_embeddings: int = 8192,
     initializer_range: float = 0.02,
 ) -> Path:
     """Build a seeded random ``Qwen2ForCausalLM``, save it with ``tokenizer`` in ``out_dir`` and return the path.
@@ -34,6 +34,8 @@ def build_model(
     next-token distributions: a teacher that differs clearly from a near-uniform random student. Like Qwen,
     the bos id is ``<|endoftext|>`` (the pad token) since the tokenizer has no bos. ``tokenizer`` may be a
     directory: its files are then copied byte for byte (see :func:`verl_opd.tiny.tokenizer.copy_tokenizer`).
+    ``max_position_embeddings`` costs nothing (RoPE is computed per forward); its default covers the
+    example configs' prompt + response (1024 + 4096), which verl-opd checks against the teacher's context.
     """
     tokenizer_dir = None if isinstance(tokenizer, PreTrainedTokenizerBase) else Path(tokenizer)
     if tokenizer_dir is not None:
