@@ -32,10 +32,9 @@ def test_cpu_run_without_device_keys_uses_cpu_defaults(tiny, cpu_args, main_ppo,
     run = main_ppo(_opd_command(tiny, cpu_args, steps=2), cwd=tmp_path)
     assert run.returncode == 0, run.tail()
     assert sorted(run.steps) == [1, 2], run.tail()
-    assert (
-        "verl-opd: trainer.device=cpu without trainer.n_gpus_per_node / trainer.nnodes on the command line: "
-        "using trainer.n_gpus_per_node=1, trainer.nnodes=1" in run.output
-    ), run.tail()
+    assert "verl-opd: trainer.device=cpu defaults applied: trainer.n_gpus_per_node=1, trainer.nnodes=1" in run.output, (
+        run.tail()
+    )
     assert "'num_gpus': 1" in run.output  # one logical GPU asked of Ray, not verl's 8
 
 

@@ -119,14 +119,14 @@ def test_cpu_requests_ray_cannot_satisfy_are_refused(args, expected):
 
 
 def test_gpu_requests_are_checked_against_this_machine(monkeypatch):
-    monkeypatch.setattr(resources, "_visible_devices", lambda: (0, "GPU"))
+    monkeypatch.setattr(resources, "visible_devices", lambda: (0, "GPU"))
     with pytest.raises(ResourceError) as err:
         check_resources(_compose([]))  # verl's default: 8 GPUs
     message = str(err.value)
     assert "ask for 8 GPU(s)" in message and "this machine shows 0" in message
     assert "trainer.n_gpus_per_node" in message and "trainer.device=cpu" in message
 
-    monkeypatch.setattr(resources, "_visible_devices", lambda: (4, "GPU"))
+    monkeypatch.setattr(resources, "visible_devices", lambda: (4, "GPU"))
     with pytest.raises(ResourceError, match="set trainer.n_gpus_per_node=4"):
         check_resources(_compose([]))
     with pytest.raises(ResourceError, match="distillation.n_gpus_per_node"):  # verl's teacher pool counts too

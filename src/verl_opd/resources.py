@@ -61,8 +61,7 @@ def apply_cpu_defaults(config: DictConfig, overrides: Sequence[str] | None) -> l
                 changes.append(f"{key}={value}")
     if changes:
         logger.warning(
-            "verl-opd: trainer.device=cpu without %s on the command line: using %s (set them to change)",
-            " / ".join(CPU_DEFAULTS),
+            "verl-opd: trainer.device=cpu defaults applied: %s (not on the command line; set them to change)",
             ", ".join(changes),
         )
     return changes
@@ -91,7 +90,8 @@ def _pool_keys(pools: dict[str, list[int]]) -> str:
     return " / ".join(f"{name}.n_gpus_per_node / {name}.nnodes" for name in pools)
 
 
-def _ray_address(config: DictConfig) -> str | None:
+def ray_address(config: DictConfig) -> str | None:
+    """The Ray cluster the run joins (``ray_kwargs.ray_init.address`` or ``RAY_ADDRESS``); None: a local Ray."""
     return OmegaConf.select(config, "ray_kwargs.ray_init.address") or os.environ.get("RAY_ADDRESS") or None
 
 
@@ -102,7 +102,7 @@ def _local_cpus() -> float:
     return get_num_cpus()
 
 
-def _visible_devices() -> tuple[int, str]:
+def visible_devices() -> tuple[int, str]:
     """Accelerators of verl's platform on this machine, and their kind (what Ray will advertise)."""
     from verl.plugin.platform import get_platform
 
@@ -122,7 +122,7 @@ def check_resources(config: DictConfig) -> None:
     if bad:
         raise ResourceError(f"{_pool_keys({b: pools[b] for b in bad})} must be >= 1; got {pools}.")
     gpus = sum(sum(nodes) for nodes in pools.values())
-    address = _ray_address(config)
+    address = ray_address(config)
     nodes = max(len(n) for n in pools.values())
     if config.trainer.device == "cpu":
         if nodes > 1:
@@ -159,7 +159,7 @@ def check_resources(config: DictConfig) -> None:
             "ray_kwargs.ray_init.address=<head:port> (or RAY_ADDRESS); on a machine without GPUs add "
             "trainer.device=cpu."
         )
-    visible, kind = _visible_devices()
+    visible, kind = visible_devices()
     if visible < gpus:
         fix = f"set trainer.n_gpus_per_node={visible}" if visible else "run on a machine with GPUs"
         raise ResourceError(
