@@ -74,7 +74,7 @@ def test_cpu_defaults_fill_only_keys_the_command_line_leaves_out(caplog):
     with caplog.at_level(logging.WARNING, logger="verl_opd"):
         assert apply_cpu_defaults(config, args) == ["trainer.n_gpus_per_node=1", "trainer.nnodes=1"]
     assert config.trainer.n_gpus_per_node == 1 and config.trainer.nnodes == 1
-    assert "using trainer.n_gpus_per_node=1, trainer.nnodes=1" in caplog.text
+    assert "trainer.device=cpu defaults applied: trainer.n_gpus_per_node=1, trainer.nnodes=1" in caplog.text
 
     args = ["trainer.device=cpu", "trainer.n_gpus_per_node=2"]
     config = _compose(args)

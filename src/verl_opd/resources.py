@@ -103,10 +103,18 @@ def _local_cpus() -> float:
 
 
 def visible_devices() -> tuple[int, str]:
-    """Accelerators of verl's platform on this machine, and their kind (what Ray will advertise)."""
+    """Accelerators a GPU run's workers would use on this machine, and Ray's name for them.
+
+    verl's platform decides (CUDA, NPU, ROCm). A process already switched to verl-opd's CPU
+    platform (the doctor, after checking a CPU config) counts CUDA devices, as verl would detect.
+    """
     from verl.plugin.platform import get_platform
 
     platform = get_platform()
+    if platform.device_name == "cpu":
+        import torch
+
+        return torch.cuda.device_count(), "GPU"
     return int(platform.device_count()), platform.ray_resource_name()
 
 
