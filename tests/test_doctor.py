@@ -257,8 +257,10 @@ def test_run_keys_not_given_are_skipped_with_what_to_pass(tiny, capsys):
 @pytest.fixture
 def cpu_env(monkeypatch):
     """A trainer.device=cpu config makes the doctor export the CPU platform's variables: restored after."""
+    from verl_opd.cpu import register
     from verl_opd.cpu.settings import CPU_ENV
 
+    register()  # idempotent; another test module's import order may have left verl without the cpu platform
     for name in CPU_ENV:
         monkeypatch.setenv(name, "unset-by-test")
 

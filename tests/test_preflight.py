@@ -23,6 +23,11 @@ from verl_opd.resources import ResourceError, apply_cpu_defaults, check_resource
 
 @pytest.fixture(autouse=True)
 def _restore_env(monkeypatch):
+    from verl_opd.cpu import register
+
+    # idempotent; a test module that imports verl_opd.cpu.platform first makes verl load the plugin while
+    # that module is half-imported, which leaves verl without the cpu platform (see test_benchmarks.py)
+    register()
     for name in (*CPU_ENV, "RAY_ADDRESS", resources.PLACEMENT_TIMEOUT_ENV):
         monkeypatch.delenv(name, raising=False)  # configure() exports the CPU platform; restored after
 

@@ -92,7 +92,8 @@ def _pool_keys(pools: dict[str, list[int]]) -> str:
 
 def ray_address(config: DictConfig) -> str | None:
     """The Ray cluster the run joins (``ray_kwargs.ray_init.address`` or ``RAY_ADDRESS``); None: a local Ray."""
-    return OmegaConf.select(config, "ray_kwargs.ray_init.address") or os.environ.get("RAY_ADDRESS") or None
+    address = OmegaConf.select(config, "ray_kwargs.ray_init.address") or os.environ.get("RAY_ADDRESS") or None
+    return None if address == "local" else address  # "local": Ray's name for starting a new local instance
 
 
 def _local_cpus() -> float:
