@@ -74,7 +74,7 @@ def install_placement_timeout(base_module: Any) -> None:
 
     ``RayResourcePool.get_placement_groups`` creates its groups with the module-level name
     ``placement_group`` and then waits on ``ray.get([pg.ready() ...])`` with no timeout
-    (verl/single_controller/ray/base.py:155-158). Only that name is wrapped, in that module: each
+    (verl/single_controller/ray/base.py:155-160). Only that name is wrapped, in that module: each
     new group is waited for here, up to :func:`verl_opd.resources.placement_timeout_s`, so verl's
     own wait returns at once, and a group an existing cluster cannot place ends the run with the
     keys to change instead of waiting forever (the local case is refused before Ray starts).

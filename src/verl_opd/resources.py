@@ -1,7 +1,7 @@
 """What a run asks of Ray, checked against what this machine can give, before Ray starts.
 
 verl creates its placement groups and then waits for them with ``ray.get`` and no
-timeout (verl/single_controller/ray/base.py:158): a request Ray cannot satisfy waits
+timeout (verl/single_controller/ray/base.py:160): a request Ray cannot satisfy waits
 forever, with only the autoscaler's "No available node types can fulfill resource
 request" every 35 s. So every run through verl-opd's driver hook (GRPO too) is checked
 here first, with an error naming the keys to change. What cannot be seen before Ray
@@ -68,7 +68,7 @@ def apply_cpu_defaults(config: DictConfig, overrides: Sequence[str] | None) -> l
 
 
 def resource_pools(config: DictConfig) -> dict[str, list[int]]:
-    """GPUs per node of each placement group verl will ask for, by pool (trainer/ppo/v1/trainer_base.py:817-846)."""
+    """GPUs per node of each placement group verl will ask for, by pool (trainer/ppo/v1/trainer_base.py:816-848)."""
     trainer = config.trainer
     pools = {"trainer": [int(trainer.n_gpus_per_node)] * int(trainer.nnodes)}
     reward_model = OmegaConf.select(config, "reward.reward_model")
