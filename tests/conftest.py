@@ -89,14 +89,19 @@ def tiny_cpu_args(
     ]
 
 
-def run_main_ppo(args: list[str], cwd: Path, config_name: str | None = None) -> RunResult:
-    """Run ``python -m verl.trainer.main_ppo`` as a user would; return its output and parsed step metrics."""
+def run_main_ppo(
+    args: list[str], cwd: Path, config_name: str | None = None, timeout_s: float = E2E_TIMEOUT_S
+) -> RunResult:
+    """Run ``python -m verl.trainer.main_ppo`` as a user would; return its output and parsed step metrics.
+
+    Raises ``subprocess.TimeoutExpired`` after ``timeout_s`` (the process is killed).
+    """
     command = [sys.executable, "-m", "verl.trainer.main_ppo"]
     if config_name:
         command.append(f"--config-name={config_name}")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
     proc = subprocess.run(
-        command + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=E2E_TIMEOUT_S, check=False
+        command + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
     )
     output = proc.stdout + proc.stderr
     return RunResult(proc.returncode, output, parse_step_metrics(output))

@@ -219,3 +219,138 @@ def test_doctor_subcommand_parser():
     assert args.func is run_doctor
     assert (args.student, args.teacher, args.skip, args.overrides) == ("s", "t", ["plugin"], ["a=1", "+b=2"])
     assert args.config_name == "opd_trainer" and args.selftest is False
+
+
+def test_readme_form_on_a_compatible_pair_is_ready(tiny, capsys):
+    """``--student S --teacher T`` alone: the run's keys are not the pair's, so they are SKIP, not FAIL."""
+    code, out = _run(capsys, "--student", str(tiny.student), "--teacher", str(tiny.teacher))
+    assert code == 0, out
+    assert _status(out, "config", "verl-opd settings") == "PASS"
+    assert _status(out, "config", "run") == "SKIP"
+    assert "not checked: no overrides given" in out
+    assert "0 failed: ready for OPD" in out
+
+
+def test_run_keys_not_given_are_skipped_with_what_to_pass(tiny, capsys):
+    given = [
+        "data.train_batch_size=8",  # verl's default 8 GPUs: a batch they divide
+        "actor_rollout_ref.actor.ppo_mini_batch_size=8",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=1",
+        "trainer.resume_mode=disable",
+    ]
+    args = ("--skip", "tokenizers", "--student", str(tiny.student), "--teacher", str(tiny.teacher))
+    code, out = _run(capsys, *args, *given)
+    assert code == 0, out
+    for name, fix in (
+        ("actor_rollout_ref.rollout.name", "pass actor_rollout_ref.rollout.name=vllm"),
+        ("data.train_files", "pass data.train_files=<parquet>"),
+        ("data.val_files", "pass data.val_files=<parquet>"),
+        ("resources", "pass trainer.n_gpus_per_node=N"),
+    ):
+        assert _status(out, "config", name) == "SKIP", out
+        assert fix in out
+    assert _status(out, "config", "verl validate_config") == "PASS"
+    assert "with actor_rollout_ref.rollout.name=vllm in place of the unset key" in out
+
+
+@pytest.fixture
+def cpu_env(monkeypatch):
+    """A trainer.device=cpu config makes the doctor export the CPU platform's variables: restored after."""
+    from verl_opd.cpu import register
+    from verl_opd.cpu.settings import CPU_ENV
+
+    register()  # idempotent; another test module's import order may have left verl without the cpu platform
+    for name in CPU_ENV:
+        monkeypatch.setenv(name, "unset-by-test")
+
+
+def _cpu_overrides(tiny) -> list[str]:
+    return [o for o in _overrides(tiny) if not o.startswith(("trainer.n", "actor_rollout_ref.rollout.name="))] + [
+        "trainer.device=cpu"
+    ]
+
+
+def test_cpu_run_without_device_keys_gets_cpu_defaults(tiny, capsys, cpu_env):
+    code, out = _run(
+        capsys,
+        "--skip",
+        "tokenizers",
+        "--student",
+        str(tiny.student),
+        "--teacher",
+        str(tiny.teacher),
+        *_cpu_overrides(tiny),
+    )
+    assert code == 0, out
+    assert "trainer.device=cpu defaults applied: trainer.n_gpus_per_node=1, trainer.nnodes=1" in out
+    assert _status(out, "config", "resources") == "PASS"
+
+
+def test_resources_ray_cannot_satisfy_are_not_ready(tiny, capsys, cpu_env):
+    args = ("--skip", "tokenizers", "--student", str(tiny.student), "--teacher", str(tiny.teacher))
+    code, out = _run(capsys, *args, *_cpu_overrides(tiny), "trainer.nnodes=2")
+    assert code == 1, out
+    assert _status(out, "config", "resources") == "FAIL"
+    assert "set trainer.nnodes=1" in out and "NOT ready for OPD" in out
+
+
+def test_gpu_request_on_a_machine_without_gpus_is_a_warning(tiny, capsys, monkeypatch):
+    """The doctor needs no GPU: a GPU run checked on a GPU-less machine is WARN (main_ppo here refuses it)."""
+    from verl_opd import resources
+
+    monkeypatch.setattr(resources, "visible_devices", lambda: (0, "GPU"))
+    args = ("--skip", "tokenizers", "--student", str(tiny.student), "--teacher", str(tiny.teacher))
+    code, out = _run(capsys, *args, *_overrides(tiny))
+    assert code == 0, out
+    assert _status(out, "config", "resources") == "WARN"
+    assert "this machine has no GPU, so main_ppo would refuse the run here" in out
+
+    monkeypatch.setattr(resources, "visible_devices", lambda: (1, "GPU"))  # on the GPU machine: not enough is FAIL
+    code, out = _run(capsys, *args, *_overrides(tiny), "trainer.n_gpus_per_node=2")
+    assert code == 1, out
+    assert _status(out, "config", "resources") == "FAIL"
+    assert "set trainer.n_gpus_per_node=1" in out
+
+
+def test_bad_train_parquet_is_not_ready(tiny, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), empty)
+    no_prompt = tmp_path / "no_prompt.parquet"
+    pq.write_table(pa.table({"question": ["1+1"]}), no_prompt)
+    args = ("--skip", "tokenizers", "--student", str(tiny.student), "--teacher", str(tiny.teacher), *_overrides(tiny))
+    for path, expected in ((empty, "has 0 rows"), (no_prompt, "has no column 'prompt' (data.prompt_key)")):
+        code, out = _run(capsys, *args, f"data.train_files={path}")
+        assert code == 1, out
+        assert _status(out, "config", "data.train_files") == "FAIL"
+        assert str(path) in out and expected in out
+        assert _status(out, "config", "data.val_files") == "PASS"
+
+
+def test_teacher_without_weights_is_not_ready(tiny, tmp_path, capsys):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny.teacher, teacher, ignore=shutil.ignore_patterns("*.safetensors"))
+    code, out = _run(capsys, "--student", str(tiny.student), "--teacher", str(teacher), *_overrides(tiny))
+    assert code == 1, out
+    assert _status(out, "tokenizers", "vocabulary ids") == "PASS"  # its tokenizer is fine: the weights are not
+    assert _status(out, "config", "verl-opd settings (OPDConfigError)") == "FAIL"
+    assert "opd.teacher.model_path=" in out and "no weight files were found" in out
+
+
+def test_overrides_are_parsed_by_hydra(tiny, capsys):
+    """A quoted teacher path in the overrides is read as the path; a malformed override is named, not ignored."""
+    code, out = _run(
+        capsys,
+        "--skip",
+        "tokenizers",
+        "--student",
+        str(tiny.student),
+        f"opd.teacher.model_path='{tiny.teacher}'",
+        *_overrides(tiny),
+    )
+    assert code == 0, out
+    assert main(["--skip", "plugin", "--student", "s", "bad=[unclosed"]) == 2
+    assert "the Hydra overrides do not parse" in capsys.readouterr().out

@@ -256,12 +256,15 @@ def _opd_rules(config: DictConfig, opd: OPDConfig) -> list[tuple[str, Any]]:
 def apply_opd_settings(config: DictConfig) -> list[str]:
     """Validate an OPD run and set what it needs in ``config``; return the ``key=value`` changes."""
     from verl_opd.checkpoint_identity import check_resume_teacher
+    from verl_opd.inputs import TEACHER_KEY, check_model_weights
     from verl_opd.teacher_fit import check_teacher_fits
     from verl_opd.tokenizer_check import assert_compatible_tokenizers
 
     _take_legacy_teacher_key(config)
     opd = OPDConfig.from_config(config)
     opd.validate()
+    # Before the tokenizer check: a directory with only config.json would be blamed on its tokenizer.
+    check_model_weights(opd.teacher.model_path, TEACHER_KEY)
     _refuse_conflicts(config, opd)
     check_teacher_fits(config, opd.teacher.model_path)
     _warn_biased_sampling(config)

@@ -1,4 +1,4 @@
-"""verl-opd's only two monkeypatches, both tiny, guarded (idempotent, narrow) and tested.
+"""verl-opd's only three monkeypatches, each tiny, guarded (idempotent, narrow) and tested.
 
 1. :func:`install_config_hook` wraps ``verl.utils.device.auto_set_device``. Every verl
    entry point calls it on the freshly composed config before ``validate_config``;
@@ -7,6 +7,9 @@
 2. :func:`install_backend_dedup` wraps ``torch.distributed.init_process_group`` on the
    CPU platform only. verl builds its backend as ``f"cpu:gloo,{device}:{backend}"``,
    which is ``"cpu:gloo,cpu:gloo"`` there, and torch rejects the duplicate device.
+3. :func:`install_placement_timeout` wraps the ``placement_group`` name inside verl's
+   ``single_controller.ray.base`` only: verl waits for its placement groups without a
+   timeout, so a request an existing Ray cluster cannot place would hang forever.
 """
 
 from __future__ import annotations
@@ -64,3 +67,40 @@ def install_config_hook(configure: Callable[[Any], None]) -> None:
 
     setattr(auto_set_device, _MARKER, True)
     device.auto_set_device = auto_set_device
+
+
+def install_placement_timeout(base_module: Any) -> None:
+    """Give each of verl's placement groups a deadline (idempotent); ``base_module`` is verl's ray ``base``.
+
+    ``RayResourcePool.get_placement_groups`` creates its groups with the module-level name
+    ``placement_group`` and then waits on ``ray.get([pg.ready() ...])`` with no timeout
+    (verl/single_controller/ray/base.py:155-160). Only that name is wrapped, in that module: each
+    new group is waited for here, up to :func:`verl_opd.resources.placement_timeout_s`, so verl's
+    own wait returns at once, and a group an existing cluster cannot place ends the run with the
+    keys to change instead of waiting forever (the local case is refused before Ray starts).
+    """
+    original = base_module.placement_group
+    if getattr(original, _MARKER, False):
+        return
+
+    @functools.wraps(original)
+    def placement_group(*args: Any, **kwargs: Any) -> Any:
+        from verl_opd.resources import PLACEMENT_TIMEOUT_ENV, ResourceError, placement_timeout_s
+
+        group = original(*args, **kwargs)
+        timeout = placement_timeout_s()
+        if timeout is None or group.wait(timeout_seconds=timeout):
+            return group
+        from ray.util.placement_group import remove_placement_group
+
+        bundles = kwargs.get("bundles", args[0] if args else None)
+        remove_placement_group(group)
+        raise ResourceError(
+            f"Ray could not place {len(bundles or [])} bundle(s) of {bundles[0] if bundles else {}} on one node "
+            f"within {timeout:g} s: the cluster lacks the GPUs or CPUs. Lower trainer.n_gpus_per_node / "
+            f"trainer.nnodes to what the cluster's nodes have, or set {PLACEMENT_TIMEOUT_ENV}=<seconds> "
+            "(0 = wait forever) where nodes are still joining."
+        )
+
+    setattr(placement_group, _MARKER, True)
+    base_module.placement_group = placement_group

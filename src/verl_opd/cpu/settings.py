@@ -16,15 +16,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from verl_opd.cpu import PLATFORM_NAME, ROLLOUT_NAME
+from verl_opd.resources import required_cpu_ray
 
 logger = logging.getLogger(__name__)
 
 # Environment every process of a CPU run needs: verl's platform, and the FSDP engine,
 # which verl registers for device "cuda" only (it runs unchanged on host tensors).
 CPU_ENV = {"VERL_PLATFORM": PLATFORM_NAME, "VERL_ENGINE_DEVICE": "cuda"}
-
-# Ray needs spare logical CPUs for TransferQueue, reward and agent-loop actors, even on 2 cores.
-MIN_RAY_CPUS = 8
 
 FP32_MIXED_PRECISION = {"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
 
@@ -34,11 +32,12 @@ def _rule(key: str, value: Any, when: Callable[[Any], bool]) -> tuple[str, Any, 
 
 
 def _cpu_rules(config: DictConfig) -> list[tuple[str, Any, Callable[[Any], bool]]]:
-    n_logical_gpus = int(config.trainer.n_gpus_per_node) * int(config.trainer.nnodes)
+    logical_gpus, logical_cpus = required_cpu_ray(config)
     return [
-        # Ray: logical GPUs so verl's placement groups form, spare CPUs so actors start.
-        _rule("ray_kwargs.ray_init.num_gpus", n_logical_gpus, lambda v: v is None),
-        _rule("ray_kwargs.ray_init.num_cpus", MIN_RAY_CPUS, lambda v: v is None or v < MIN_RAY_CPUS),
+        # Ray: logical GPUs so verl's placement groups form, and logical CPUs for their bundles and the
+        # actors outside them (on 2 cores too), whatever the number of workers.
+        _rule("ray_kwargs.ray_init.num_gpus", logical_gpus, lambda v: v is None),
+        _rule("ray_kwargs.ray_init.num_cpus", logical_cpus, lambda v: v is None or v < logical_cpus),
         _rule("ray_kwargs.ray_init.include_dashboard", False, lambda v: v is None),
         # One TransferQueue storage actor: each one wants a CPU of its own.
         _rule("transfer_queue.backend.SimpleStorage.num_data_storage_units", 1, lambda v: v != 1),
