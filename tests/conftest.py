@@ -65,7 +65,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
 def tiny_cpu_args(
     tiny: TinyAssets, steps: int, batch: int = 4, response_length: int = 16, student: Path | None = None
 ) -> list[str]:
-    """Overrides for a small CPU run of ``main_ppo`` on the tiny assets (no algorithm choice)."""
+    """Overrides for a small CPU run of ``main_ppo`` on the tiny assets (no algorithm choice).
+
+    No ``trainer.n_gpus_per_node`` / ``trainer.nnodes``: users leave verl's defaults (8 GPUs, 1 node) and
+    add ``trainer.device=cpu``, so every CPU e2e test runs what they type (the CPU defaults then apply).
+    """
     return [
         "trainer.device=cpu",
         f"data.train_files={tiny.train}",
@@ -78,8 +82,6 @@ def tiny_cpu_args(
         f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={batch}",
         f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={batch}",
         "actor_rollout_ref.actor.use_kl_loss=False",
-        "trainer.n_gpus_per_node=1",
-        "trainer.nnodes=1",
         f"trainer.total_training_steps={steps}",
         "trainer.logger=console",
         "trainer.val_before_train=False",

@@ -22,9 +22,11 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
-# Set from the spread of 5 runs (see the test's comment and OPD_IMPLEMENTATION_SUMMARY.md): filled in below.
-MIN_ACCURACY_GAIN = 0.2
-MAX_KL_RATIO = 0.8
+# Margins set from 5 runs of this exact demo (2 idle cores, 2026-11-25): accuracy 0.156 -> 0.914, 0.781, 0.750,
+# 0.789, 0.875 (gain 0.59-0.76, mean 0.67, sd 0.07); held-out KL 0.434 -> 0.085, 0.144, 0.184, 0.121, 0.134
+# (ratio 0.20-0.42, mean 0.31, sd 0.08). Each bound sits about 5 sd beyond the mean.
+MIN_ACCURACY_GAIN = 0.3
+MAX_KL_RATIO = 0.7
 ROW = re.compile(r"^(teacher|student before|student after)\s+(\S+)\s+(\S+)\s+(\S+)\s*$")
 STEP_LINE = re.compile(r"^step\s+(\d+)/\d+\s+reverse KL (\S+)")
 

@@ -16,9 +16,10 @@ pytestmark = pytest.mark.e2e
 LEARN_STEPS = 20
 SAVE_EVERY = 10
 TASK_COEF = 0.5
-# Held-out exact KL after LEARN_STEPS steps over before: set from the spread of repeated runs (see the summary doc).
-MAX_KL_RATIO = 0.8
-# actor/grad_norm bound with IS weights capped at 1e-6 (an ordinary step here: see the test)
+# Held-out exact KL after LEARN_STEPS steps over before. Measured (3 runs, 2 idle cores, 2026-11-25): 5.546 ->
+# 2.514, 2.604, 2.751 (ratio 0.45-0.50, sd 0.02); the bound leaves more than 10 sd.
+MAX_KL_RATIO = 0.7
+# actor/grad_norm with IS weights capped at 1e-6: measured 1.9e-7, against 0.19 for the same step without the cap.
 GRAD_NORM_WITH_TINY_IS_WEIGHTS = 1e-3
 REWARD = Path(__file__).parent / "assets" / "digit_fraction_reward.py"
 
@@ -180,7 +181,7 @@ def test_opd_rollout_importance_weights_reach_the_loss(tiny, cpu_args, main_ppo,
 
     With token-level truncated IS weights capped at 1e-6, verl's policy loss multiplies every token's term by
     about 1e-6: the gradient all but vanishes although the advantages (a distinct teacher) are of order 1.
-    If OPD's step dropped the weights, the update would be an ordinary one (grad norm of order 0.1-1 here).
+    If OPD's step dropped the weights, the update would be an ordinary one (grad norm 0.19 measured).
     """
     args = cpu_args(tiny, steps=1, batch=4) + [
         "actor_rollout_ref.rollout.n=1",
