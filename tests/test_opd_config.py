@@ -215,3 +215,17 @@ def test_trainer_replay_buffer_polls_at_the_opd_interval(tiny):
     assert type(buffer) is ReplayBuffer
     assert buffer.poll_interval == 0.05
     assert inspect.signature(ReplayBuffer).parameters["poll_interval"].default == 2.0  # what it replaces
+
+
+def test_relative_teacher_path_reaches_the_trainer_absolute(tiny, monkeypatch):
+    """The driver's copy under actor_rollout_ref (what OPDTrainer and the workers read) holds an absolute path.
+
+    Ray's TaskRunner and workers need not share the driver's working directory, so a relative
+    ``opd.teacher.model_path`` must not be fingerprinted or loaded relative to theirs.
+    """
+    monkeypatch.chdir(tiny.teacher.parent)
+    config = _compose(_opd(tiny, teacher=tiny.teacher.name))
+    apply_opd_settings(config)
+    assert config.opd.teacher.model_path == tiny.teacher.name  # the user's node is left as given
+    seen_by_trainer = OPDConfig.from_config(config.actor_rollout_ref)
+    assert seen_by_trainer.teacher.model_path == str(tiny.teacher)
