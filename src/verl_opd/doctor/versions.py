@@ -160,26 +160,13 @@ def check_plugin(python: str = sys.executable, timeout_s: float = PLUGIN_TIMEOUT
             detail += f"\n{stderr_tail}"
         checks.append(Check("plugin", "loads in a fresh process", FAIL, detail))
 
-    estimator = probe["estimator"]
-    checks.append(
-        Check(
-            "plugin",
-            "advantage estimator 'opd'",
-            PASS if estimator["ok"] else FAIL,
-            f"registered: {estimator['detail']}"
-            if estimator["ok"]
-            else f"verl does not know algorithm.adv_estimator=opd: {estimator['detail']}",
-        )
-    )
-    trainer = probe["trainer"]
-    checks.append(
-        Check(
-            "plugin",
-            "trainer 'opd'",
-            PASS if trainer["ok"] else FAIL,
-            f"registered: {trainer['detail']}"
-            if trainer["ok"]
-            else f"verl does not know trainer.v1.trainer_mode=opd: {trainer['detail']}",
-        )
-    )
+    checks.append(_registration_check("advantage estimator 'opd'", "algorithm.adv_estimator=opd", probe["estimator"]))
+    checks.append(_registration_check("trainer 'opd'", "trainer.v1.trainer_mode=opd", probe["trainer"]))
     return checks
+
+
+def _registration_check(name: str, key: str, result: dict[str, Any]) -> Check:
+    """PASS when the fresh process found ``name`` in verl's registry, else FAIL naming the key verl would refuse."""
+    if result["ok"]:
+        return Check("plugin", name, PASS, f"registered: {result['detail']}")
+    return Check("plugin", name, FAIL, f"verl does not know {key}: {result['detail']}")
