@@ -42,6 +42,11 @@ def _run(capsys, *argv: str) -> tuple[int, str]:
     return code, capsys.readouterr().out
 
 
+def _pair_without_tokenizer_check(tiny) -> tuple[str, ...]:
+    """``--student S --teacher T``, the tokenizer section skipped (tested on its own above)."""
+    return ("--skip", "tokenizers", "--student", str(tiny.student), "--teacher", str(tiny.teacher))
+
+
 def _status(output: str, section: str, name: str) -> str:
     """Status of the first line for ``[section] name``."""
     for line in output.splitlines():
@@ -239,7 +244,7 @@ def test_run_keys_not_given_are_skipped_with_what_to_pass(tiny, capsys):
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=1",
         "trainer.resume_mode=disable",
     ]
-    args = ("--skip", "tokenizers", "--student", str(tiny.student), "--teacher", str(tiny.teacher))
+    args = _pair_without_tokenizer_check(tiny)
     code, out = _run(capsys, *args, *given)
     assert code == 0, out
     for name, fix in (
@@ -272,23 +277,14 @@ def _cpu_overrides(tiny) -> list[str]:
 
 
 def test_cpu_run_without_device_keys_gets_cpu_defaults(tiny, capsys, cpu_env):
-    code, out = _run(
-        capsys,
-        "--skip",
-        "tokenizers",
-        "--student",
-        str(tiny.student),
-        "--teacher",
-        str(tiny.teacher),
-        *_cpu_overrides(tiny),
-    )
+    code, out = _run(capsys, *_pair_without_tokenizer_check(tiny), *_cpu_overrides(tiny))
     assert code == 0, out
     assert "trainer.device=cpu defaults applied: trainer.n_gpus_per_node=1, trainer.nnodes=1" in out
     assert _status(out, "config", "resources") == "PASS"
 
 
 def test_resources_ray_cannot_satisfy_are_not_ready(tiny, capsys, cpu_env):
-    args = ("--skip", "tokenizers", "--student", str(tiny.student), "--teacher", str(tiny.teacher))
+    args = _pair_without_tokenizer_check(tiny)
     code, out = _run(capsys, *args, *_cpu_overrides(tiny), "trainer.nnodes=2")
     assert code == 1, out
     assert _status(out, "config", "resources") == "FAIL"
@@ -300,7 +296,7 @@ def test_gpu_request_on_a_machine_without_gpus_is_a_warning(tiny, capsys, monkey
     from verl_opd import resources
 
     monkeypatch.setattr(resources, "visible_devices", lambda: (0, "GPU"))
-    args = ("--skip", "tokenizers", "--student", str(tiny.student), "--teacher", str(tiny.teacher))
+    args = _pair_without_tokenizer_check(tiny)
     code, out = _run(capsys, *args, *_overrides(tiny))
     assert code == 0, out
     assert _status(out, "config", "resources") == "WARN"
