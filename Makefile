@@ -32,7 +32,7 @@ demo: install
 
 # The whole suite, the short demo included (it builds the demo models into .cache/ once: ~1.5 min on 2 cores).
 test: install
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=15
 
 # The short demo alone (the CI test of `make demo`).
 test-demo: install

@@ -116,6 +116,9 @@ def test_opd_shipped_config_teacher_equal_student_gives_zero_advantage(tiny, cpu
     run = main_ppo(args, cwd=tmp_path, config_name="opd_trainer")
     assert run.returncode == 0, run.tail()
     assert sorted(run.steps) == [1, 2], run.tail()
+    # the command gave neither trainer.n_gpus_per_node nor trainer.nnodes (verl's defaults: 8 GPUs): CPU defaults
+    assert "verl-opd: trainer.device=cpu defaults applied: trainer.n_gpus_per_node=1, trainer.nnodes=1" in run.output
+    assert "'num_gpus': 1" in run.output  # one logical GPU asked of Ray, not verl's 8
     for step, m in run.steps.items():
         assert abs(m["opd/advantage_min"]) < 1e-4 and abs(m["opd/advantage_max"]) < 1e-4, (step, m)
         assert abs(m["opd/reverse_kl"]) < 1e-4, step
