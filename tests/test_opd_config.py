@@ -69,7 +69,10 @@ def test_compatible_pair_passes_and_settings_are_applied(tiny, caplog):
     assert not any(change.startswith(("algorithm.kl_", "algorithm.norm_adv")) for change in changes), changes
     assert config.trainer.v1.trainer_mode == "opd"
     assert config.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu == 4
-    assert config.actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype == "fp32"
+    # no trainer.device: a GPU run, whose opd.precision=auto is bf16 compute (fp32 heads: verl_opd.precision)
+    assert config.actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype == "bf16"
+    assert config.actor_rollout_ref.ref.fsdp_config.mixed_precision.param_dtype == "bf16"
+    assert config.actor_rollout_ref.opd.precision == "bf16"  # workers get it resolved
     assert config.actor_rollout_ref.ref.fsdp_config.model_dtype == "fp32"
     assert config.actor_rollout_ref.opd.teacher.model_path == str(tiny.teacher)  # workers get the opd node
     assert "algorithm.use_kl_in_reward=True" in changes
@@ -111,12 +114,54 @@ def test_shipped_config_needs_no_extra_keys(tiny):
         (["+opd.allow_teacher_change=1"], "opd.allow_teacher_change=1 (int) must be true or false"),
         (["+opd.task_reward_coef=true"], "opd.task_reward_coef=True (bool) must be a number"),
         (["trainer.device=cpu", "+opd.teacher.offload=True"], "Set opd.teacher.offload=False"),
+        (["+opd.precision=fp16"], "opd.precision='fp16'; use one of ('auto', 'fp32', 'bf16')"),
+        (["+opd.teacher.dtype=float16"], "what both models compute in is opd.precision"),
+        # fp32 compute with verl's default attention (FlashAttention, bf16/fp16 only), unset or explicit
+        (["+opd.precision=fp32"], "(actor_rollout_ref.model.override_config.attn_implementation unset (verl's"),
+        (
+            ["+opd.precision=fp32", "+actor_rollout_ref.model.override_config.attn_implementation=flash_attention_2"],
+            "Set actor_rollout_ref.model.override_config.attn_implementation=sdpa",
+        ),
+        # bf16 logits from verl's torch fused LM head (its default backend)
+        (["actor_rollout_ref.model.use_fused_kernels=True"], "fused_kernel_options.impl_backend=torch computes"),
     ],
 )
 def test_conflicting_settings_are_refused(tiny, extra, expected):
     with pytest.raises(OPDConfigError) as error:
         apply_opd_settings(_compose(_opd(tiny, *extra)))
     assert expected in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("extra", "precision"),
+    [
+        ([], "bf16"),  # GPU default
+        # CPU default (the driver's CPU settings pick sdpa before the OPD settings run)
+        (["trainer.device=cpu", "+actor_rollout_ref.model.override_config.attn_implementation=sdpa"], "fp32"),
+        (["+opd.precision=fp32", "+actor_rollout_ref.model.override_config.attn_implementation=sdpa"], "fp32"),
+        (["trainer.device=cpu", "+opd.precision=bf16"], "bf16"),
+        (
+            [
+                "actor_rollout_ref.model.use_fused_kernels=True",
+                "actor_rollout_ref.model.fused_kernel_options.impl_backend=triton",
+            ],
+            "bf16",
+        ),
+    ],
+)
+def test_precision_sets_both_engines(tiny, extra, precision):
+    """opd.precision is the compute dtype of both engines; opd.teacher.dtype only the teacher's storage."""
+    config = _compose(_opd(tiny, "+opd.teacher.dtype=bfloat16", *extra))
+    apply_opd_settings(config)
+    arr = config.actor_rollout_ref
+    for role in (arr.actor, arr.ref):
+        assert OmegaConf.to_container(role.fsdp_config.mixed_precision) == {
+            "param_dtype": precision,
+            "reduce_dtype": "fp32",
+            "buffer_dtype": "fp32",
+        }
+    assert arr.ref.fsdp_config.model_dtype == "bf16"
+    assert arr.opd.precision == precision
 
 
 def test_opd_node_shape_is_checked_against_the_dataclasses():

@@ -22,8 +22,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 logger = logging.getLogger(__name__)
 
 TRAINER_MODE = "opd"
-TEACHER_DTYPES = ("float32", "bfloat16", "float16")
-_PRECISION_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+TEACHER_DTYPES = ("float32", "bfloat16")
+_PRECISION_NAMES = {"float32": "fp32", "bfloat16": "bf16"}
+# opd.precision: "auto" resolves to "fp32" with trainer.device=cpu, else "bf16" (see resolve_precision).
+PRECISIONS = ("auto", "fp32", "bf16")
+ATTN_KEY = "actor_rollout_ref.model.override_config.attn_implementation"
+# verl's attention when ATTN_KEY is unset (verl/workers/config/model.py:185).
+VERL_DEFAULT_ATTN = "flash_attention_2"
 LEGACY_TEACHER_KEY = "actor_rollout_ref.ref.model.path"
 
 
@@ -40,6 +45,10 @@ class OPDConfigError(ValueError):
 class TeacherConfig:
     """Where the teacher comes from and how it is held.
 
+    ``dtype`` is how the teacher's weights are stored (verl's ``fsdp_config.model_dtype``), not
+    what it computes in: that is ``opd.precision`` for both models. ``bfloat16`` halves the
+    teacher's memory; with ``opd.precision=fp32`` it then computes in fp32 on bf16-rounded weights.
+
     ``offload=False`` keeps the teacher's weights resident on the accelerator (fast,
     costs its memory); ``True`` is verl's reference-model behaviour: weights live in
     pinned host memory and stream to the GPU at every forward (slow, saves memory).
@@ -55,6 +64,8 @@ class OPDConfig:
     """OPD's knobs (see ``opd-spec``): ``r_t = -kl_coef * (log pi_S - log pi_T) + task_reward_coef * R``."""
 
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # Compute precision of both models (spec rule 10); one of PRECISIONS, see resolve_precision.
+    precision: str = "auto"
     kl_coef: float = 1.0
     discount: float = 0.0
     task_reward_coef: float = 0.0
@@ -85,7 +96,15 @@ class OPDConfig:
                 "(no config.json there). Point it at a local directory saved with save_pretrained."
             )
         if self.teacher.dtype not in TEACHER_DTYPES:
-            raise OPDConfigError(f"opd.teacher.dtype={self.teacher.dtype!r}; use one of {TEACHER_DTYPES}.")
+            raise OPDConfigError(
+                f"opd.teacher.dtype={self.teacher.dtype!r}; use one of {TEACHER_DTYPES}. It sets how the teacher's "
+                "weights are stored; what both models compute in is opd.precision (auto, fp32 or bf16)."
+            )
+        if self.precision not in PRECISIONS:
+            raise OPDConfigError(
+                f"opd.precision={self.precision!r}; use one of {PRECISIONS} (auto: fp32 with trainer.device=cpu, "
+                "else bf16 with fp32 log-probs)."
+            )
         if not (math.isfinite(self.kl_coef) and self.kl_coef > 0):
             raise OPDConfigError(f"opd.kl_coef={self.kl_coef} must be a finite number > 0.")
         if not 0.0 <= self.discount <= 1.0:
@@ -144,9 +163,44 @@ def _check_types(node: Any, prefix: str) -> None:
             raise OPDConfigError(f"{key}={value!r} ({type(value).__name__}) must be {expected}.")
 
 
-def teacher_precision(dtype: str) -> dict[str, str]:
-    """FSDP mixed-precision setting that makes the teacher compute in ``dtype``."""
-    return {"param_dtype": _PRECISION_NAMES[dtype], "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
+def resolve_precision(config: DictConfig, opd: OPDConfig) -> str:
+    """``opd.precision`` with ``auto`` resolved: ``fp32`` on CPU (spec rule 10), ``bf16`` elsewhere.
+
+    ``fp32``: both engines compute in float32 (FSDP ``param_dtype=fp32``, which makes verl's engine
+    skip autocast, verl/workers/engine/fsdp/transformer_impl.py:1559-1565); ~12x slower matmuls than
+    bf16 on an H100, and FlashAttention cannot run. ``bf16``: both bodies compute in bf16 (verl's
+    default), and both heads in fp32 (:mod:`verl_opd.precision`), so the log-probs come from fp32 logits.
+    """
+    if opd.precision != "auto":
+        return opd.precision
+    return "fp32" if config.trainer.get("device") == "cpu" else "bf16"
+
+
+def mixed_precision(precision: str) -> dict[str, str]:
+    """verl's FSDP ``mixed_precision`` setting for an engine computing in ``precision`` (``fp32`` or ``bf16``)."""
+    return {"param_dtype": precision, "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
+
+
+def _refuse_precision_conflicts(config: DictConfig, precision: str) -> None:
+    """Refuse, before anything loads, a precision that the attention or LM-head kernels cannot honour."""
+    model = config.actor_rollout_ref.model
+    attn = OmegaConf.select(config, ATTN_KEY)
+    if precision == "fp32" and (attn or VERL_DEFAULT_ATTN).startswith("flash"):
+        shown = f"{ATTN_KEY}={attn}" if attn else f"{ATTN_KEY} unset (verl's default: {VERL_DEFAULT_ATTN})"
+        raise OPDConfigError(
+            f"opd.precision=fp32 computes both models in float32, but attention is FlashAttention ({shown}), "
+            f"which takes fp16/bf16 only: the first log-prob pass would crash. Set {ATTN_KEY}=sdpa (command line: "
+            f"++{ATTN_KEY}=sdpa), or opd.precision=bf16 (bf16 compute with fp32 log-probs, the GPU default)."
+        )
+    backend = (model.get("fused_kernel_options") or {}).get("impl_backend")
+    if precision == "bf16" and model.get("use_fused_kernels", False) and backend != "triton":
+        raise OPDConfigError(
+            "opd.precision=bf16 needs fp32 logits, but actor_rollout_ref.model.use_fused_kernels=True with "
+            f"fused_kernel_options.impl_backend={backend} computes hidden @ weight.T in bf16 "
+            "(verl/utils/experimental/torch_functional.py): bf16 log-probs. Set "
+            "actor_rollout_ref.model.fused_kernel_options.impl_backend=triton (fp32 tiles) or "
+            "actor_rollout_ref.model.use_fused_kernels=False (verl-opd's fp32 LM head)."
+        )
 
 
 def _take_legacy_teacher_key(config: DictConfig) -> None:
@@ -229,7 +283,7 @@ def _warn_biased_sampling(config: DictConfig) -> None:
         )
 
 
-def _opd_rules(config: DictConfig, opd: OPDConfig) -> list[tuple[str, Any]]:
+def _opd_rules(config: DictConfig, opd: OPDConfig, precision: str) -> list[tuple[str, Any]]:
     arr = config.actor_rollout_ref
     rules: list[tuple[str, Any]] = [
         # verl builds a reference worker only when something reads a reference KL
@@ -240,9 +294,10 @@ def _opd_rules(config: DictConfig, opd: OPDConfig) -> list[tuple[str, Any]]:
         ("trainer.v1.trainer_mode", TRAINER_MODE),
         # The rollout's own log-probs are kept to log their gap to the recomputed ones.
         ("actor_rollout_ref.rollout.calculate_log_probs", True),
-        # fp32 log-probs on the student side too (bf16 quantises the advantage).
-        ("actor_rollout_ref.actor.fsdp_config.mixed_precision", teacher_precision("float32")),
-        ("actor_rollout_ref.ref.fsdp_config.mixed_precision", teacher_precision(opd.teacher.dtype)),
+        # Both bodies compute in opd.precision; both heads in fp32 (verl_opd.precision). verl's ref engine
+        # config is ref.fsdp_config (verl/workers/config/actor.py:321), so this reaches the teacher's engine.
+        ("actor_rollout_ref.actor.fsdp_config.mixed_precision", mixed_precision(precision)),
+        ("actor_rollout_ref.ref.fsdp_config.mixed_precision", mixed_precision(precision)),
         # verl stores weights in model_dtype and only computes in the mixed-precision dtype:
         # a bf16 teacher saves memory only if it is also stored in bf16.
         ("actor_rollout_ref.ref.fsdp_config.model_dtype", _PRECISION_NAMES[opd.teacher.dtype]),
@@ -266,6 +321,8 @@ def apply_opd_settings(config: DictConfig) -> list[str]:
     # Before the tokenizer check: a directory with only config.json would be blamed on its tokenizer.
     check_model_weights(opd.teacher.model_path, TEACHER_KEY)
     _refuse_conflicts(config, opd)
+    precision = resolve_precision(config, opd)
+    _refuse_precision_conflicts(config, precision)
     check_teacher_fits(config, opd.teacher.model_path)
     _warn_biased_sampling(config)
     if opd.check_tokenizers:
@@ -274,7 +331,7 @@ def apply_opd_settings(config: DictConfig) -> list[str]:
 
     changes = []
     with open_dict(config):
-        for key, value in _opd_rules(config, opd):
+        for key, value in _opd_rules(config, opd, precision):
             current = OmegaConf.select(config, key)
             if isinstance(current, DictConfig):
                 current = OmegaConf.to_container(current)
@@ -282,8 +339,9 @@ def apply_opd_settings(config: DictConfig) -> list[str]:
                 OmegaConf.update(config, key, value, force_add=True)
                 changes.append(f"{key}={value}")
         # Workers only receive actor_rollout_ref: give them the opd node there, with an absolute
-        # teacher path (Ray workers need not share the driver's working directory).
+        # teacher path (Ray workers need not share the driver's working directory) and the precision resolved.
         teacher = dataclasses.replace(opd.teacher, model_path=os.path.abspath(opd.teacher.model_path))
-        config.actor_rollout_ref.opd = OmegaConf.structured(dataclasses.replace(opd, teacher=teacher))
+        resolved = dataclasses.replace(opd, teacher=teacher, precision=precision)
+        config.actor_rollout_ref.opd = OmegaConf.structured(resolved)
     logger.warning("verl-opd: algorithm.adv_estimator=opd applied: %s", ", ".join(changes) or "nothing to change")
     return changes

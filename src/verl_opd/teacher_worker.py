@@ -3,9 +3,11 @@
 verl builds its reference model from a copy of the student's model config, through
 ``ActorRolloutRefWorker.ref_worker_cls`` (a ``TrainingWorker``). :class:`OPDWorker`
 points that hook at :class:`TeacherWorker`, which swaps in the teacher's model and
-the teacher's precision and placement before verl's engine is built. Everything
-else (FSDP, micro-batching, log-prob computation) is verl's own code path, so the
-teacher scores exactly the token ids, attention masks and positions verl gives
+the teacher's placement before verl's engine is built. Both the teacher and the
+student (``actor_worker_cls``) are :class:`~verl_opd.precision.FP32HeadWorker` instances: their
+logits come from an fp32 LM head whatever their body computes in. Everything else
+(FSDP, mixed precision, micro-batching, log-prob computation) is verl's own code path,
+so the teacher scores exactly the token ids, attention masks and positions verl gives
 the student.
 """
 
@@ -17,9 +19,9 @@ import logging
 
 from verl.single_controller.base.decorator import Dispatch, register
 from verl.workers.config import FSDPOptimizerConfig, HFModelConfig, MtpConfig
-from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker, TrainingWorkerConfig
+from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorkerConfig
 
-from verl_opd.opd_config import teacher_precision
+from verl_opd.precision import FP32HeadWorker
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +62,11 @@ def teacher_model_config(ref_model: HFModelConfig, teacher_path: str) -> HFModel
     )
 
 
-class TeacherWorker(TrainingWorker):
+class TeacherWorker(FP32HeadWorker):
     """A forward-only ``TrainingWorker`` holding the teacher instead of a copy of the student.
+
+    Its compute precision (``mixed_precision``) and storage dtype (``model_dtype``) are the ref
+    slot's ``fsdp_config``, which the driver sets from ``opd.precision`` and ``opd.teacher.dtype``.
 
     ``offload=False`` builds the engine as a resident model: verl's forward-only
     engines always stream weights from pinned host memory at every forward, so the
@@ -69,11 +74,9 @@ class TeacherWorker(TrainingWorker):
     (AdamW allocates its state lazily at the first step, so it costs no memory).
     """
 
-    def __init__(self, config: TrainingWorkerConfig, teacher_path: str, dtype: str, offload: bool):
+    def __init__(self, config: TrainingWorkerConfig, teacher_path: str, offload: bool):
         teacher_model = teacher_model_config(config.model_config, teacher_path)
-        engine_config = dataclasses.replace(
-            config.engine_config, forward_only=offload, mixed_precision=teacher_precision(dtype)
-        )
+        engine_config = dataclasses.replace(config.engine_config, forward_only=offload)
         # The resident engine builds an optimizer; one that never steps (lr 0, no weight decay).
         optimizer_config = FSDPOptimizerConfig(lr=0.0, weight_decay=0.0, total_training_steps=1)
         config = dataclasses.replace(
@@ -81,23 +84,23 @@ class TeacherWorker(TrainingWorker):
         )
         super().__init__(config)
         logger.warning(
-            "verl-opd: teacher %s loaded in the reference slot (dtype=%s, offload=%s)",
+            "verl-opd: teacher %s loaded in the reference slot (stored as %s, computing in %s, fp32 LM head, "
+            "offload=%s)",
             teacher_model.path,
-            dtype,
+            engine_config.model_dtype,
+            engine_config.mixed_precision["param_dtype"],
             offload,
         )
 
 
 class OPDWorker(ActorRolloutRefWorker):
-    """verl's actor/rollout/ref worker with the teacher in the ref slot."""
+    """verl's actor/rollout/ref worker with the teacher in the ref slot and fp32 LM heads on both models."""
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_model(self) -> None:
         opd = self.config.opd
+        self.actor_worker_cls = FP32HeadWorker
         self.ref_worker_cls = functools.partial(
-            TeacherWorker,
-            teacher_path=opd.teacher.model_path,
-            dtype=opd.teacher.dtype,
-            offload=opd.teacher.offload,
+            TeacherWorker, teacher_path=opd.teacher.model_path, offload=opd.teacher.offload
         )
         super().init_model()
