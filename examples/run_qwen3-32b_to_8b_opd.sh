@@ -3,9 +3,12 @@
 # One node, 8 GPUs (80 GB class), vLLM rollout of the 8B student, FSDP training.
 #
 # The 32B teacher lives in verl's reference slot and never runs in vLLM: it only scores the student's samples.
-#   opd.teacher.dtype=bfloat16 + actor_rollout_ref.ref.fsdp_config.model_dtype=bf16
-#       store and run the teacher in bf16: 64 GB of weights instead of 128 GB in fp32. Its log-probs are then
-#       computed from a bf16 forward (bf16 rounding of the logits); use float32 when the teacher fits.
+#   opd.precision=bf16
+#       both models compute in bf16 (FlashAttention, bf16 matmul speed), their LM heads in fp32: both
+#       log-probs come from fp32 logits (OPD_QUICKSTART.md section 6). Not yet run on a GPU.
+#   opd.teacher.dtype=bfloat16
+#       stores the teacher in bf16 (verl-opd sets actor_rollout_ref.ref.fsdp_config.model_dtype=bf16):
+#       64 GB of weights instead of 128 GB in fp32.
 #   opd.teacher.offload=True
 #       verl's reference-model placement: the teacher's shards sit in pinned host memory (~8 GB per rank
 #       here) and are streamed to the GPU at every forward. Saves GPU memory for vLLM's KV cache and the
@@ -27,6 +30,7 @@ set -euo pipefail
 python3 -m verl.trainer.main_ppo --config-name=opd_trainer \
     algorithm.adv_estimator=opd \
     opd.teacher.model_path="${TEACHER_MODEL:-$HOME/models/Qwen3-32B}" \
+    opd.precision=bf16 \
     opd.teacher.dtype=bfloat16 \
     opd.teacher.offload="${TEACHER_OFFLOAD:-True}" \
     opd.kl_coef=1.0 \
@@ -54,7 +58,6 @@ python3 -m verl.trainer.main_ppo --config-name=opd_trainer \
     actor_rollout_ref.actor.fsdp_config.param_offload=False \
     actor_rollout_ref.actor.fsdp_config.optimizer_offload=False \
     actor_rollout_ref.ref.strategy=fsdp2 \
-    actor_rollout_ref.ref.fsdp_config.model_dtype=bf16 \
     actor_rollout_ref.ref.log_prob_max_token_len_per_gpu=16384 \
     actor_rollout_ref.rollout.name=vllm \
     actor_rollout_ref.rollout.n=4 \

@@ -2,7 +2,9 @@
 # On-policy distillation at the scale of Thinking Machines' "On-Policy Distillation" (2025):
 # the post-trained Qwen3-8B teaches Qwen3-8B-Base (ideally an SFT checkpoint of it, as in the blog).
 # One node, 8 GPUs (80 GB class), vLLM rollout, FSDP training; the teacher runs in verl's
-# reference slot (FSDP, resident on the GPUs, fp32), so it needs no extra GPUs.
+# reference slot (FSDP, resident on the GPUs, fp32 weights), so it needs no extra GPUs.
+# opd.precision=bf16: both models compute in bf16 (FlashAttention, bf16 matmul speed) and their LM heads in
+# fp32, so both log-probs come from fp32 logits (OPD_QUICKSTART.md section 6). Not yet run on a GPU.
 #
 #   64 prompts x 4 samples per step, discount 0 (per-token reverse KL), no KL loss, lr 1e-6.
 #
@@ -26,6 +28,7 @@ set -euo pipefail
 python3 -m verl.trainer.main_ppo --config-name=opd_trainer \
     algorithm.adv_estimator=opd \
     opd.teacher.model_path="${TEACHER_MODEL:-$HOME/models/Qwen3-8B}" \
+    opd.precision=bf16 \
     opd.teacher.dtype=float32 \
     opd.teacher.offload=False \
     opd.kl_coef=1.0 \

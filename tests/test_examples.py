@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 GPU_SCRIPTS = ["run_qwen3-8b_opd.sh", "run_qwen3-32b_to_8b_opd.sh"]
 MAIN_PPO = ("-m", "verl.trainer.main_ppo")
+ATTN_SDPA = "actor_rollout_ref.model.override_config.attn_implementation=sdpa"
 
 # verl warns about optional engines it cannot import, and about the disabled critic.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -110,7 +111,6 @@ def test_gpu_script_composes_to_opd(name, env, tiny, tmp_path, monkeypatch):
     assert arr.actor.optim.lr == pytest.approx(1e-6) and arr.actor.optim.weight_decay == 0.0
     if "32b" in name:
         assert config.opd.teacher.offload is True and config.opd.teacher.dtype == "bfloat16"
-        assert arr.ref.fsdp_config.model_dtype == "bf16"
     else:
         assert config.opd.teacher.offload is False and config.opd.teacher.dtype == "float32"
 
@@ -124,12 +124,34 @@ def test_gpu_script_composes_to_opd(name, env, tiny, tmp_path, monkeypatch):
     configure(config, check_environment=False)
     assert config.trainer.v1.trainer_mode == "opd"
     assert config.algorithm.use_kl_in_reward is True
-    assert OmegaConf.to_container(arr.actor.fsdp_config.mixed_precision)["param_dtype"] == "fp32"
-    expected_teacher_precision = "bf16" if "32b" in name else "fp32"
-    assert arr.ref.fsdp_config.mixed_precision.param_dtype == expected_teacher_precision
+    # Composed as on the GPU node (no trainer.device=cpu): both bodies compute in bf16, so FlashAttention (verl's
+    # default attention, left unset by the recipes) is fine, and the workers get fp32 LM heads.
+    assert "trainer.device" not in " ".join(overrides)
+    assert config.opd.precision == "bf16" and arr.opd.precision == "bf16"
+    for role in (arr.actor, arr.ref):
+        assert OmegaConf.to_container(role.fsdp_config.mixed_precision)["param_dtype"] == "bf16"
+    assert not arr.model.get("use_fused_kernels", False)  # verl's fused head would bypass the fp32 LM head
+    assert OmegaConf.select(config, "actor_rollout_ref.model.override_config.attn_implementation") is None
+    assert arr.ref.fsdp_config.model_dtype == ("bf16" if "32b" in name else "fp32")  # teacher storage
     assert config.actor_rollout_ref.opd.teacher.model_path == str(tiny.teacher)
     validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
     assert need_reference_policy(config) and not need_critic(config)
+
+
+@pytest.mark.parametrize("name", GPU_SCRIPTS)
+def test_gpu_script_refuses_fp32_with_flash_attention(name, env, tmp_path, monkeypatch):
+    """opd.precision=fp32 added to a recipe keeps verl's FlashAttention: refused before anything loads."""
+    from verl_opd.driver import configure
+    from verl_opd.opd_config import OPDConfigError
+
+    monkeypatch.chdir(tmp_path)
+    config_name, overrides = main_ppo_args(EXAMPLES / name, env)
+    config = compose(config_name, [*overrides, "opd.precision=fp32"])
+    with pytest.raises(OPDConfigError, match="attention is FlashAttention"):
+        configure(config, check_environment=False)
+    sdpa = compose(config_name, [*overrides, "opd.precision=fp32", "++" + ATTN_SDPA])
+    configure(sdpa, check_environment=False)
+    assert sdpa.actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype == "fp32"
 
 
 def test_gpu_script_env_overrides(env):
