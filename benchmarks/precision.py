@@ -204,7 +204,10 @@ def main() -> None:
     header = (
         f"Log-prob precision vs full fp32, CPU emulation of verl's bf16 FSDP engine, {results['date']}, "
         f"{results['machine']}.\n\nErrors are |value - fp32 value| over response tokens; the advantage is "
-        "log pi_T - log pi_S. lowp frac: share of |log-prob| >= 0.5 lying on the bf16/fp16 grid (~1 = bf16 values)."
+        "log pi_T - log pi_S. lowp frac: share of |log-prob| >= 0.5 lying on the bf16/fp16 grid (~1 = bf16 values).\n\n"
+        "Modes: fp32 = full fp32 (opd.precision=fp32); bf16_head = bf16 body and head, verl's log-softmax as on CPU "
+        "(bf16); bf16_head_fp32_softmax = the same bf16 logits log-softmaxed in fp32 (flash-attn's cross-entropy on a "
+        "GPU); fp32_head = bf16 body + verl-opd's fp32 LM head (opd.precision=bf16)."
     )
     (RESULTS / "precision.md").write_text(markdown(results, header))
     print(markdown(results, header))
