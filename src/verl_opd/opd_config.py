@@ -61,7 +61,8 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class OPDConfig:
-    """OPD's knobs (see ``opd-spec``): ``r_t = -kl_coef * (log pi_S - log pi_T) + task_reward_coef * R``."""
+    """OPD's knobs (see ``opd-spec``): ``r_t = -kl_coef * (log pi_S - log pi_T)``, discounted by ``discount``,
+    plus ``task_reward_coef * (R - group mean R)`` on every response token."""
 
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     # Compute precision of both models (spec rule 10); one of PRECISIONS, see resolve_precision.

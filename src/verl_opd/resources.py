@@ -80,9 +80,13 @@ def resource_pools(config: DictConfig) -> dict[str, list[int]]:
     return pools
 
 
+def _total_gpus(pools: dict[str, list[int]]) -> int:
+    return sum(sum(nodes) for nodes in pools.values())
+
+
 def required_cpu_ray(config: DictConfig) -> tuple[int, int]:
     """``(logical GPUs, logical CPUs)`` a local CPU run's Ray needs for verl's placement groups and actors."""
-    gpus = sum(sum(nodes) for nodes in resource_pools(config).values())
+    gpus = _total_gpus(resource_pools(config))
     return gpus, CPUS_PER_BUNDLE * gpus + SPARE_CPUS
 
 
@@ -130,7 +134,7 @@ def check_resources(config: DictConfig) -> None:
     bad = [name for name, nodes in pools.items() if not nodes or min(nodes) < 1]
     if bad:
         raise ResourceError(f"{_pool_keys({b: pools[b] for b in bad})} must be >= 1; got {pools}.")
-    gpus = sum(sum(nodes) for nodes in pools.values())
+    gpus = _total_gpus(pools)
     address = ray_address(config)
     nodes = max(len(n) for n in pools.values())
     if config.trainer.device == "cpu":

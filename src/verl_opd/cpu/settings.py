@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from verl_opd.cpu import PLATFORM_NAME, ROLLOUT_NAME
+from verl_opd.opd_config import mixed_precision
 from verl_opd.resources import required_cpu_ray
 
 logger = logging.getLogger(__name__)
@@ -23,8 +24,6 @@ logger = logging.getLogger(__name__)
 # Environment every process of a CPU run needs: verl's platform, and the FSDP engine,
 # which verl registers for device "cuda" only (it runs unchanged on host tensors).
 CPU_ENV = {"VERL_PLATFORM": PLATFORM_NAME, "VERL_ENGINE_DEVICE": "cuda"}
-
-FP32_MIXED_PRECISION = {"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
 
 
 def _rule(key: str, value: Any, when: Callable[[Any], bool]) -> tuple[str, Any, Callable[[Any], bool]]:
@@ -53,8 +52,8 @@ def _cpu_rules(config: DictConfig) -> list[tuple[str, Any, Callable[[Any], bool]
         _rule("actor_rollout_ref.ref.strategy", "fsdp2", lambda v: v != "fsdp2"),
         _rule("critic.strategy", "fsdp2", lambda v: v != "fsdp2"),
         # bf16 on CPU is slow and quantises log-probs; train and score in fp32.
-        _rule("actor_rollout_ref.actor.fsdp_config.mixed_precision", FP32_MIXED_PRECISION, lambda v: v is None),
-        _rule("actor_rollout_ref.ref.fsdp_config.mixed_precision", FP32_MIXED_PRECISION, lambda v: v is None),
+        _rule("actor_rollout_ref.actor.fsdp_config.mixed_precision", mixed_precision("fp32"), lambda v: v is None),
+        _rule("actor_rollout_ref.ref.fsdp_config.mixed_precision", mixed_precision("fp32"), lambda v: v is None),
         # The only rollout server that runs without a GPU; it is one process per replica.
         _rule("actor_rollout_ref.rollout.name", ROLLOUT_NAME, lambda v: v != ROLLOUT_NAME),
         _rule("actor_rollout_ref.rollout.tensor_model_parallel_size", 1, lambda v: v != 1),
