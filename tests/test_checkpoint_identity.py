@@ -28,6 +28,7 @@ from verl_opd.checkpoint_identity import (
     check_resume_teacher,
     sampled_ranges,
     teacher_fingerprint,
+    teacher_identity,
     write_teacher_identity,
 )
 from verl_opd.opd_config import OPDConfig, OPDConfigError, TeacherConfig
@@ -67,7 +68,7 @@ def _save_step(ckpt: Path, step: int, teacher: Path | None = None) -> Path:
     torch.save({"epoch": 0}, step_dir / "data.pt")
     (actor / "huggingface" / "config.json").write_text("{}")
     if teacher is not None:
-        write_teacher_identity(str(step_dir), _opd(teacher))
+        write_teacher_identity(str(step_dir), teacher_identity(_opd(teacher)))
     (ckpt / "latest_checkpointed_iteration.txt").write_text(str(step))
     return step_dir
 
@@ -109,7 +110,7 @@ def test_identical_copy_elsewhere_is_the_same_teacher(tiny, teachers, tmp_path, 
 
 
 def test_identity_file_records_the_fingerprint_scheme(tiny, tmp_path):
-    path = write_teacher_identity(str(tmp_path), _opd(tiny.teacher, kl_coef=0.5))
+    path = write_teacher_identity(str(tmp_path), teacher_identity(_opd(tiny.teacher, kl_coef=0.5)))
     identity = json.loads(Path(path).read_text())
     assert identity["fingerprint_scheme"] == FINGERPRINT_SCHEME == 2
     assert identity["fingerprint"] == teacher_fingerprint(str(tiny.teacher))
@@ -245,7 +246,7 @@ def test_damaged_teacher_record_is_refused(tiny, tmp_path, caplog, content, prob
 def test_main_ppo_refuses_a_same_shape_teacher_before_ray(tiny, teachers, cpu_args, main_ppo, tmp_path):
     """The real command line, against a fabricated checkpoint: refused in the driver, before Ray starts."""
     ckpt = tmp_path / "ckpt"
-    write_teacher_identity(str(ckpt / "global_step_2"), _opd(tiny.teacher))
+    write_teacher_identity(str(ckpt / "global_step_2"), teacher_identity(_opd(tiny.teacher)))
     (ckpt / "latest_checkpointed_iteration.txt").write_text("2")
     args = cpu_args(tiny, steps=4) + [
         "algorithm.adv_estimator=opd",

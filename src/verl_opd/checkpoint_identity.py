@@ -108,12 +108,16 @@ def teacher_identity(opd: OPDConfig) -> dict[str, Any]:
     }
 
 
-def write_teacher_identity(step_dir: str, opd: OPDConfig) -> str:
-    """Write :data:`IDENTITY_FILE` into one ``global_step_N`` checkpoint folder."""
+def write_teacher_identity(step_dir: str, identity: dict[str, Any]) -> str:
+    """Write ``identity`` (:func:`teacher_identity`) as :data:`IDENTITY_FILE` into one ``global_step_N`` folder.
+
+    The caller computes the identity once, when the teacher is loaded: it describes the weights the run
+    trains against, and every save then costs a small JSON write instead of re-reading the teacher's files.
+    """
     os.makedirs(step_dir, exist_ok=True)
     path = os.path.join(step_dir, IDENTITY_FILE)
     with open(path, "w") as f:
-        json.dump(teacher_identity(opd), f, indent=2)
+        json.dump(identity, f, indent=2)
     return path
 
 

@@ -39,7 +39,7 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_to_nested
 
 from verl_opd.advantage import opd_token_rewards
-from verl_opd.checkpoint_identity import write_teacher_identity
+from verl_opd.checkpoint_identity import teacher_identity, write_teacher_identity
 from verl_opd.metrics import eos_metrics, opd_metrics
 from verl_opd.opd_config import TRAINER_MODE, OPDConfig
 from verl_opd.teacher_worker import OPDWorker
@@ -57,6 +57,8 @@ class OPDTrainer(PPOTrainerSync):
         # The driver's copy under actor_rollout_ref (apply_opd_settings): validated, teacher path absolute.
         # The top-level node may hold a path relative to the driver's directory, not this process's.
         self.opd = OPDConfig.from_config(config.actor_rollout_ref)
+        # What each checkpoint records: fingerprinted once, as the teacher the run loads.
+        self._teacher_identity = teacher_identity(self.opd)
         # verl's base class switches on async behaviour for any mode other than "sync".
         with open_dict(config):
             config.trainer.v1.trainer_mode = "sync"
@@ -101,7 +103,7 @@ class OPDTrainer(PPOTrainerSync):
 
     def _save_checkpoint(self) -> None:
         step_dir = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
-        write_teacher_identity(step_dir, self.opd)
+        write_teacher_identity(step_dir, self._teacher_identity)
         super()._save_checkpoint()
 
 
