@@ -48,6 +48,25 @@ def test_patched_init_process_group_accepts_verl_backend_string():
     assert "unpatched fails" in proc.stdout and "patched cpu:gloo" in proc.stdout
 
 
+def test_patched_init_process_group_retries_a_taken_master_port_for_one_process():
+    """verl's MASTER_PORT can be taken between its pick and the store's bind: a one-process group retries."""
+    code = (
+        "import os, socket, torch.distributed as dist\n"
+        "from verl_opd.patches import install_backend_dedup\n"
+        "taken = socket.socket(); taken.bind(('127.0.0.1', 0)); taken.listen(); port = taken.getsockname()[1]\n"
+        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))\n"
+        "install_backend_dedup()\n"
+        "try:\n    dist.init_process_group(backend='cpu:gloo', rank=0, world_size=2, timeout=__import__('datetime')"
+        ".timedelta(seconds=5))\n"
+        "except dist.DistNetworkError as e:\n    print('two ranks re-raise', 'EADDRINUSE' in str(e))\n"
+        "dist.init_process_group(backend='cpu:gloo,cpu:gloo', rank=0, world_size=1)\n"
+        "print('one rank ok', dist.get_world_size(), os.environ['MASTER_PORT'] != str(port))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "two ranks re-raise True" in proc.stdout and "one rank ok 1 True" in proc.stdout, proc.stdout
+
+
 def test_cpu_settings_replace_only_what_cannot_work(monkeypatch):
     for name in CPU_ENV:
         monkeypatch.setenv(name, "unset-by-test")  # restored after the test

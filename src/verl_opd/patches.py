@@ -6,7 +6,8 @@
    (``trainer.device=cpu``, ``algorithm.adv_estimator=opd``) before anything starts.
 2. :func:`install_backend_dedup` wraps ``torch.distributed.init_process_group`` on the
    CPU platform only. verl builds its backend as ``f"cpu:gloo,{device}:{backend}"``,
-   which is ``"cpu:gloo,cpu:gloo"`` there, and torch rejects the duplicate device.
+   which is ``"cpu:gloo,cpu:gloo"`` there, and torch rejects the duplicate device; and a
+   one-process group whose ``MASTER_PORT`` was taken in the meantime retries on a free port.
 3. :func:`install_placement_timeout` wraps the ``placement_group`` name inside verl's
    ``single_controller.ray.base`` only: verl waits for its placement groups without a
    timeout, so a request an existing Ray cluster cannot place would hang forever.
@@ -15,6 +16,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +37,12 @@ def dedup_backend(backend: str | None) -> str | None:
     return ",".join(seen.values())
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
 def install_backend_dedup() -> None:
     """Wrap ``torch.distributed.init_process_group`` (idempotent)."""
     original = torch.distributed.init_process_group
@@ -46,7 +55,16 @@ def install_backend_dedup() -> None:
             kwargs["backend"] = dedup_backend(kwargs["backend"])
         elif args:
             args = (dedup_backend(args[0]), *args[1:])
-        return original(*args, **kwargs)
+        try:
+            return original(*args, **kwargs)
+        except torch.distributed.DistNetworkError as exc:
+            # verl picks MASTER_PORT by binding port 0 and closing the socket (single_controller/base/worker.py:59),
+            # so another process can take it before the store binds it. A single-process group has no peer that
+            # needs that port: retry once on a fresh one. Larger groups re-raise (their ranks share the port).
+            if "EADDRINUSE" not in str(exc) or int(kwargs.get("world_size", os.environ.get("WORLD_SIZE", 1))) != 1:
+                raise
+            os.environ["MASTER_PORT"] = str(_free_port())
+            return original(*args, **kwargs)
 
     setattr(init_process_group, _MARKER, True)
     torch.distributed.init_process_group = init_process_group
