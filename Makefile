@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml | $(PY)
 		$(PY) -m pip install -q "$(TORCH_SPEC)"; \
 	fi
 	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -c "import verl, verl_opd.plugin as p; assert p.LOAD_ERROR is None; print('verl', verl.__version__, '+ verl-opd plugin OK')"
+	$(PY) -c "import verl, verl_opd.glue.plugin as p; assert p.LOAD_ERROR is None; print('verl', verl.__version__, '+ verl-opd plugin OK')"
 	touch $(STAMP)
 
 install: $(STAMP)

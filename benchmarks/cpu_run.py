@@ -33,8 +33,8 @@ import psutil
 
 from process_tree import PeakTreeRSS  # benchmarks/ is on sys.path when this file is run
 from quick_poll_sampler import quick_poll_overrides
-from verl_opd.console_metrics import parse_step_metrics
-from verl_opd.opd_config import OPDConfig
+from verl_opd.config.opd_config import OPDConfig
+from verl_opd.tools.console_metrics import parse_step_metrics
 
 OPD_POLL_S = OPDConfig().sampler_poll_s  # GRPO gets the interval OPD's trainer uses by default
 

@@ -47,9 +47,9 @@ import psutil
 
 from process_tree import PeakTreeRSS  # benchmarks/ is on sys.path when this file is run
 from quick_poll_sampler import quick_poll_overrides
-from verl_opd.console_metrics import parse_step_metrics
-from verl_opd.demo import STUDENT_STORY, cpu_run_args, opd_args, validation_curve
-from verl_opd.opd_config import OPDConfig
+from verl_opd.config.opd_config import OPDConfig
+from verl_opd.tools.console_metrics import parse_step_metrics
+from verl_opd.tools.demo import STUDENT_STORY, cpu_run_args, opd_args, validation_curve
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("opd", "grpo", "sft", "verl_distill")

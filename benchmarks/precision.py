@@ -12,12 +12,12 @@ a teacher, in four modes:
   (``logprobs_from_logits_v2``: bf16 log-softmax for bf16 logits, torch_functional.py:173-200);
 * ``bf16_head_fp32_softmax``: the same bf16 logits, log-softmaxed in fp32 (what flash-attn's cross-entropy
   kernel does with bf16 logits on a GPU, torch_functional.py:95-102): upcasting cannot undo the rounding;
-* ``fp32_head``: bf16 body and verl-opd's fp32 head (:func:`verl_opd.precision.install_fp32_head`), i.e.
+* ``fp32_head``: bf16 body and verl-opd's fp32 head (:func:`verl_opd.glue.precision.install_fp32_head`), i.e.
   ``opd.precision=bf16``.
 
 For each mode and each model pair: mean / max / p99 |log-prob - fp32 log-prob| over response tokens, the
 same for the per-token advantage ``log pi_T - log pi_S``, the precision probe
-(:func:`verl_opd.metrics.low_precision_grid_fraction`), and the smallest nonzero |log pi_T - log pi_S|.
+(:func:`verl_opd.core.metrics.low_precision_grid_fraction`), and the smallest nonzero |log pi_T - log pi_S|.
 Two pairs: the tests' random tiny models (near-uniform logits) and the demo's SFT'd teacher and ``habit``
 student (confident logits of realistic magnitude) on addition problems, half with the right answer and
 half off by one (the student's habit), so both models see tokens they like and tokens they do not.
@@ -44,8 +44,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from verl.utils.torch_functional import logprobs_from_logits
 
-from verl_opd.metrics import low_precision_grid_fraction
-from verl_opd.precision import install_fp32_head
+from verl_opd.core.metrics import low_precision_grid_fraction
+from verl_opd.glue.precision import install_fp32_head
 from verl_opd.tiny.sft import collate, encode_example
 from verl_opd.tiny.task import make_problems, prompt_text, solution_text
 

@@ -3,7 +3,7 @@
 This does in Python what ``python -m verl.trainer.main_ppo --config-name=opd_trainer ...`` does:
 
 1. compose verl's Hydra config (``opd_trainer`` = verl's ``ppo_trainer`` + the ``opd`` node);
-2. run verl-opd's driver hook (:func:`verl_opd.driver.configure`): checks the teacher and the
+2. run verl-opd's driver hook (:func:`verl_opd.glue.driver.configure`): checks the teacher and the
    tokenizers before any model loads, and sets the verl keys OPD needs (logged);
 3. run verl's ``validate_config`` exactly as ``main_ppo`` does;
 4. launch ``run_ppo(config, task_runner_class=TaskRunnerV1)`` (Ray, workers, training loop).
@@ -109,7 +109,7 @@ def prepare(config) -> None:
     from verl.utils import device
     from verl.utils.config import validate_config
 
-    from verl_opd.driver import configure
+    from verl_opd.glue.driver import configure
 
     # verl-opd's driver hook: OPD checks and settings (+ the CPU settings for trainer.device=cpu).
     # main_ppo runs it inside verl's auto_set_device, which the plugin wraps; here it is called

@@ -16,7 +16,7 @@ TINY=${OPD_TINY_DIR:-/tmp/verl-opd-tiny}
 mkdir -p "$TINY" && TINY=$(cd "$TINY" && pwd)  # absolute: the paths below must not depend on the cwd
 
 verl_opd() {  # the verl-opd CLI, also when the venv's bin/ is not on PATH
-    if command -v verl-opd >/dev/null 2>&1; then verl-opd "$@"; else "$PYTHON" -m verl_opd.cli "$@"; fi
+    if command -v verl-opd >/dev/null 2>&1; then verl-opd "$@"; else "$PYTHON" -m verl_opd.tools.cli "$@"; fi
 }
 
 if [ ! -f "$TINY/teacher/config.json" ] || [ ! -f "$TINY/data/train.parquet" ]; then

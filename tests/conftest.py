@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from verl_opd.console_metrics import parse_step_metrics
+from verl_opd.tools.console_metrics import parse_step_metrics
 
 E2E_TIMEOUT_S = 900
 

@@ -1,4 +1,4 @@
-"""Unit tests for the pure OPD math in ``verl_opd.advantage`` (CPU, no verl)."""
+"""Unit tests for the pure OPD math in ``verl_opd.core.advantage`` (CPU, no verl)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from verl_opd import compute_opd_advantage
-from verl_opd.advantage import discounted_reward_to_go, group_baselined_rewards, opd_token_rewards
+from verl_opd.core.advantage import discounted_reward_to_go, group_baselined_rewards, opd_token_rewards
 
 
 def reference_reward_to_go(rewards: list[list[float]], mask: list[list[int]], discount: float) -> list[list[float]]:

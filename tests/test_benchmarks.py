@@ -65,8 +65,8 @@ def test_verl_methods_are_valid_configs_with_equal_samples(bench, method, tiny, 
     from verl.utils.import_utils import load_extern_type
 
     from verl_opd.cpu import register
-    from verl_opd.doctor import compose_opd_config
-    from verl_opd.driver import configure
+    from verl_opd.glue.driver import configure
+    from verl_opd.tools.doctor import compose_opd_config
 
     register()  # idempotent; another test module's import order may have left verl without the cpu platform
     for name in CPU_ENV:

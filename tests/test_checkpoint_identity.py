@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from verl_opd.checkpoint_identity import (
+from verl_opd.checks.checkpoint_identity import (
     FINGERPRINT_SCHEME,
     HEAD_BYTES,
     IDENTITY_FILE,
@@ -31,7 +31,7 @@ from verl_opd.checkpoint_identity import (
     teacher_identity,
     write_teacher_identity,
 )
-from verl_opd.opd_config import OPDConfig, OPDConfigError, TeacherConfig
+from verl_opd.config.opd_config import OPDConfig, OPDConfigError, TeacherConfig
 
 ACTOR_FILES = ("model", "optim", "extra_state")
 

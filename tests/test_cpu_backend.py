@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_module
 from verl_opd.cpu.platform import PlatformCPU
 from verl_opd.cpu.rollout import HFGenerateServer, prompt_logprobs
 from verl_opd.cpu.settings import CPU_ENV, apply_cpu_settings
-from verl_opd.patches import dedup_backend
+from verl_opd.glue.patches import dedup_backend
 
 
 def test_platform_speaks_torch_cpu():
@@ -34,7 +34,7 @@ def test_dedup_backend():
 def test_patched_init_process_group_accepts_verl_backend_string():
     code = (
         "import torch.distributed as dist, socket\n"
-        "from verl_opd.patches import install_backend_dedup\n"
+        "from verl_opd.glue.patches import install_backend_dedup\n"
         "s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()\n"
         "kw = dict(init_method=f'tcp://127.0.0.1:{port}', rank=0, world_size=1)\n"
         "try:\n    dist.init_process_group(backend='cpu:gloo,cpu:gloo', **kw); print('unpatched ok')\n"
@@ -52,7 +52,7 @@ def test_patched_init_process_group_retries_a_taken_master_port_for_one_process(
     """verl's MASTER_PORT can be taken between its pick and the store's bind: a one-process group retries."""
     code = (
         "import os, socket, torch.distributed as dist\n"
-        "from verl_opd.patches import install_backend_dedup\n"
+        "from verl_opd.glue.patches import install_backend_dedup\n"
         "taken = socket.socket(); taken.bind(('127.0.0.1', 0)); taken.listen(); port = taken.getsockname()[1]\n"
         "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))\n"
         "install_backend_dedup()\n"

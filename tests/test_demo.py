@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from verl_opd.demo import KL_KEY, KL_SMOOTHING, RESULTS_NAME, TABLE_ROWS, add_demo_parser, format_table, summarize
+from verl_opd.tools.demo import KL_KEY, KL_SMOOTHING, RESULTS_NAME, TABLE_ROWS, add_demo_parser, format_table, summarize
 
 pytestmark = pytest.mark.e2e
 

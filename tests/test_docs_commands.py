@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from verl_opd.console_metrics import parse_step_metrics
+from verl_opd.tools.console_metrics import parse_step_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ("README.md", "OPD_QUICKSTART.md")

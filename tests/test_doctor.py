@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from verl_opd.doctor import Check, check_tokenizers, main, permute_token_ids
+from verl_opd.tools.doctor import Check, check_tokenizers, main, permute_token_ids
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -216,7 +216,7 @@ def test_doctor_subcommand_parser():
     """``add_doctor_parser`` plugs the same options into a ``verl-opd`` subcommand."""
     import argparse
 
-    from verl_opd.doctor import add_doctor_parser, run_doctor
+    from verl_opd.tools.doctor import add_doctor_parser, run_doctor
 
     parser = argparse.ArgumentParser(prog="verl-opd")
     add_doctor_parser(parser.add_subparsers(dest="command", required=True))
@@ -293,7 +293,7 @@ def test_resources_ray_cannot_satisfy_are_not_ready(tiny, capsys, cpu_env):
 
 def test_gpu_request_on_a_machine_without_gpus_is_a_warning(tiny, capsys, monkeypatch):
     """The doctor needs no GPU: a GPU run checked on a GPU-less machine is WARN (main_ppo here refuses it)."""
-    from verl_opd import resources
+    from verl_opd.checks import resources
 
     monkeypatch.setattr(resources, "visible_devices", lambda: (0, "GPU"))
     args = _pair_without_tokenizer_check(tiny)

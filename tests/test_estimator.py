@@ -10,9 +10,9 @@ import torch
 import verl  # noqa: F401  (loads verl and its verl.plugins entry points in this process)
 
 from verl_opd import compute_opd_advantage
-from verl_opd.advantage import opd_token_rewards
-from verl_opd.estimator import compute_opd_estimator, register
-from verl_opd.metrics import opd_metrics
+from verl_opd.core.advantage import opd_token_rewards
+from verl_opd.core.metrics import opd_metrics
+from verl_opd.glue.estimator import compute_opd_estimator, register
 
 
 @pytest.fixture(scope="module")

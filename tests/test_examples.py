@@ -68,7 +68,7 @@ def main_ppo_args(script: Path, env: dict[str, str]) -> tuple[str, list[str]]:
 
 
 def compose(config_name: str, overrides: list[str]):
-    from verl_opd.doctor import compose_opd_config
+    from verl_opd.tools.doctor import compose_opd_config
 
     return compose_opd_config(overrides, config_name)
 
@@ -117,7 +117,7 @@ def test_gpu_script_composes_to_opd(name, env, tiny, tmp_path, monkeypatch):
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
 
-    from verl_opd.driver import configure
+    from verl_opd.glue.driver import configure
 
     # teacher path, tokenizer check, refusals; sets the OPD keys. Not this GPU-less machine's resources or the
     # recipe's data files: the recipe is meant for an 8-GPU node.
@@ -141,8 +141,8 @@ def test_gpu_script_composes_to_opd(name, env, tiny, tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", GPU_SCRIPTS)
 def test_gpu_script_refuses_fp32_with_flash_attention(name, env, tmp_path, monkeypatch):
     """opd.precision=fp32 added to a recipe keeps verl's FlashAttention: refused before anything loads."""
-    from verl_opd.driver import configure
-    from verl_opd.opd_config import OPDConfigError
+    from verl_opd.config.opd_config import OPDConfigError
+    from verl_opd.glue.driver import configure
 
     monkeypatch.chdir(tmp_path)
     config_name, overrides = main_ppo_args(EXAMPLES / name, env)

@@ -1,11 +1,11 @@
-"""The precision probe and the EOS/mask metrics of ``verl_opd.metrics`` (pure torch)."""
+"""The precision probe and the EOS/mask metrics of ``verl_opd.core.metrics`` (pure torch)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from verl_opd.metrics import eos_metrics, low_precision_grid_fraction
+from verl_opd.core.metrics import eos_metrics, low_precision_grid_fraction
 
 # What the probe must separate: values that went through bf16/fp16 (fraction 1.0) and fp32 ones (about 0.01 or
 # less, see the docstring); 0.5 is the documented line between the two.

@@ -14,8 +14,8 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from verl_opd.opd_config import OPDConfig, OPDConfigError, TeacherConfig, apply_opd_settings
-from verl_opd.tokenizer_check import TokenizerMismatchError, compare_tokenizers
+from verl_opd.checks.tokenizer_check import TokenizerMismatchError, compare_tokenizers
+from verl_opd.config.opd_config import OPDConfig, OPDConfigError, TeacherConfig, apply_opd_settings
 
 
 def _compose(overrides: list[str], config_name: str = "ppo_trainer"):
@@ -69,7 +69,7 @@ def test_compatible_pair_passes_and_settings_are_applied(tiny, caplog):
     assert not any(change.startswith(("algorithm.kl_", "algorithm.norm_adv")) for change in changes), changes
     assert config.trainer.v1.trainer_mode == "opd"
     assert config.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu == 4
-    # no trainer.device: a GPU run, whose opd.precision=auto is bf16 compute (fp32 heads: verl_opd.precision)
+    # no trainer.device: a GPU run, whose opd.precision=auto is bf16 compute (fp32 heads: verl_opd.glue.precision)
     assert config.actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype == "bf16"
     assert config.actor_rollout_ref.ref.fsdp_config.mixed_precision.param_dtype == "bf16"
     assert config.actor_rollout_ref.opd.precision == "bf16"  # workers get it resolved
@@ -249,7 +249,7 @@ def test_trainer_replay_buffer_polls_at_the_opd_interval(tiny):
     """OPD's trainer hook hands verl's own sync replay buffer ``opd.sampler_poll_s`` (verl's default: 2 s)."""
     from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
 
-    from verl_opd.trainer import OPDTrainer
+    from verl_opd.glue.trainer import OPDTrainer
 
     config = _compose(_opd(tiny, "+opd.sampler_poll_s=0.05"))
     apply_opd_settings(config)

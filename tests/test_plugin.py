@@ -19,12 +19,12 @@ def _python(code: str) -> subprocess.CompletedProcess:
 def test_fresh_process_finds_opd_without_importing_verl_opd():
     proc = _python(FIND_OPD)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "verl_opd.estimator"
+    assert proc.stdout.strip() == "verl_opd.glue.estimator"
 
 
 def test_broken_plugin_is_loud_and_opd_stays_unavailable():
     # Make the OPD math unimportable, as a broken install would.
-    code = "import sys\nsys.modules['verl_opd.advantage'] = None\n" + FIND_OPD
+    code = "import sys\nsys.modules['verl_opd.core.advantage'] = None\n" + FIND_OPD
     proc = _python(code)
     assert proc.returncode != 0
     assert "verl-opd: FAILED to load its verl plugin" in proc.stderr
@@ -37,7 +37,7 @@ def test_broken_cpu_backend_is_loud_and_opd_stays_available():
         "import sys\nsys.modules['verl_opd.cpu.platform'] = None\n"
         + FIND_OPD
         + (
-            "import verl_opd.plugin as p\n"
+            "import verl_opd.glue.plugin as p\n"
             "from verl.plugin.platform import PlatformRegistry\n"
             "print(p.LOAD_ERROR is None, p.CPU_BACKEND_ERROR is not None, PlatformRegistry.get('cpu') is None)\n"
         )
@@ -46,14 +46,14 @@ def test_broken_cpu_backend_is_loud_and_opd_stays_available():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "verl-opd: FAILED to load its CPU backend" in proc.stderr
     assert "FAILED to load its verl plugin" not in proc.stderr
-    assert proc.stdout.split() == ["verl_opd.estimator", "True", "True", "True"]
+    assert proc.stdout.split() == ["verl_opd.glue.estimator", "True", "True", "True"]
 
 
 def test_trainer_is_registered_when_verl_imports_its_trainer_package():
     proc = _python(
         "import verl\n"
         "import sys\n"
-        "assert 'verl_opd.trainer' not in sys.modules  # deferred: verl's trainer package is heavy\n"
+        "assert 'verl_opd.glue.trainer' not in sys.modules  # deferred: verl's trainer package is heavy\n"
         "from verl.trainer.ppo.v1 import get_trainer_cls\n"
         "print(get_trainer_cls('opd').__name__)\n"
     )
@@ -65,7 +65,7 @@ def test_config_hook_wraps_verls_entry_points_once():
     proc = _python(
         "import verl, verl.utils.device as device\n"
         "import verl.trainer.main_ppo as main_ppo\n"
-        "from verl_opd import driver\n"
+        "from verl_opd.glue import driver\n"
         "hook = device.auto_set_device\n"
         "driver.install(); driver.install()\n"
         "assert device.auto_set_device is hook and main_ppo.auto_set_device is hook\n"

@@ -26,7 +26,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from verl_opd.precision import FP32HeadWorker, fp32_linear, install_fp32_head
+from verl_opd.glue.precision import FP32HeadWorker, fp32_linear, install_fp32_head
 
 REPO = Path(__file__).resolve().parents[1]
 

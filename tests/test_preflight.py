@@ -13,12 +13,12 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 
-from verl_opd import overrides, resources
+from verl_opd.checks import overrides, resources
+from verl_opd.checks.inputs import check_data_file, check_model_weights, check_student
+from verl_opd.checks.resources import ResourceError, apply_cpu_defaults, check_resources
+from verl_opd.config.opd_config import OPDConfigError
 from verl_opd.cpu.settings import CPU_ENV
-from verl_opd.inputs import check_data_file, check_model_weights, check_student
-from verl_opd.opd_config import OPDConfigError
-from verl_opd.patches import install_placement_timeout
-from verl_opd.resources import ResourceError, apply_cpu_defaults, check_resources
+from verl_opd.glue.patches import install_placement_timeout
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +61,7 @@ def test_overrides_come_from_the_running_hydra_app():
         HydraConfig.instance().set_config(hydra_cfg)  # what @hydra.main does before calling main_ppo's main
         assert overrides.from_hydra() == ["trainer.device=cpu", "trainer.nnodes=1"]
         config = _compose(["trainer.device=cpu", "trainer.nnodes=1"])
-        from verl_opd.driver import configure
+        from verl_opd.glue.driver import configure
 
         configure(config, check_environment=False)  # no overrides given: read from HydraConfig
         assert config.trainer.n_gpus_per_node == 1 and config.trainer.nnodes == 1
@@ -193,7 +193,7 @@ def test_placement_timeout_is_installed_in_verls_module():
     """The plugin's ``driver.install`` wraps only the name verl's RayResourcePool calls."""
     import verl.single_controller.ray.base as base
 
-    from verl_opd.driver import install
+    from verl_opd.glue.driver import install
 
     install()
     assert getattr(base.placement_group, "_verl_opd_patched", False)
@@ -225,7 +225,7 @@ def test_model_directory_without_weights_is_refused(tiny, tmp_path):
 
 def test_teacher_weights_are_checked_before_its_tokenizer(tiny, tmp_path):
     """A teacher directory with only config.json was blamed on the tokenizer; now the weights are named."""
-    from verl_opd.opd_config import apply_opd_settings
+    from verl_opd.config.opd_config import apply_opd_settings
 
     only_config = tmp_path / "teacher"
     only_config.mkdir()
@@ -267,7 +267,7 @@ def test_data_files_are_checked_from_parquet_metadata(tiny, tmp_path):
 
 
 def test_driver_checks_data_files_for_every_run(tiny, tmp_path):
-    from verl_opd.driver import configure
+    from verl_opd.glue.driver import configure
 
     no_prompt = _parquet(tmp_path / "q.parquet", {"question": ["1+1"]})
     args = [

@@ -13,9 +13,9 @@ import pytest
 from hydra import compose, initialize_config_module
 from verl.utils.config import omega_conf_to_dataclass
 
-from verl_opd.opd_config import OPDConfigError, apply_opd_settings
-from verl_opd.teacher_fit import teacher_context_length
-from verl_opd.teacher_worker import teacher_model_config
+from verl_opd.checks.teacher_fit import teacher_context_length
+from verl_opd.config.opd_config import OPDConfigError, apply_opd_settings
+from verl_opd.glue.teacher_worker import teacher_model_config
 
 
 def _compose(overrides: list[str]):

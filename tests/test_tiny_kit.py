@@ -13,10 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from verl.utils.reward_score import gsm8k
 
-from verl_opd.cli import main
 from verl_opd.tiny.model import build_model, count_parameters
 from verl_opd.tiny.task import build_dataset, make_problem, prompt_text, solution_text
 from verl_opd.tiny.tokenizer import build_tokenizer, copy_tokenizer
+from verl_opd.tools.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_cli_in_process(tmp_path: Path, tok_dir: Path, capsys: pytest.CaptureFix
 
 
 def test_cli_subprocess(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "verl_opd.cli", "tiny", "data", "--out", str(tmp_path), "--n-train", "8"]
+    cmd = [sys.executable, "-m", "verl_opd.tools.cli", "tiny", "data", "--out", str(tmp_path), "--n-train", "8"]
     result = subprocess.run([*cmd, "--n-test", "4"], capture_output=True, text=True, check=True)
     assert "train.parquet" in result.stdout
     assert len(pd.read_parquet(tmp_path / "test.parquet")) == 4

@@ -11,7 +11,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from verl.utils.reward_score import gsm8k
 
-from verl_opd.demo import STUDENT_STORY
 from verl_opd.tiny import demo_models
 from verl_opd.tiny.evaluate import evaluate_accuracy, score_completions
 from verl_opd.tiny.model import build_model
@@ -26,6 +25,7 @@ from verl_opd.tiny.sft import (
 )
 from verl_opd.tiny.task import build_dataset, load_split, make_problem, prompt_text, solution_text
 from verl_opd.tiny.tokenizer import build_tokenizer
+from verl_opd.tools.demo import STUDENT_STORY
 
 
 def _examples(n: int, seed: int = 0) -> list[SFTExample]:

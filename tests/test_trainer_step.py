@@ -9,9 +9,9 @@ import verl  # noqa: F401  (loads the plugin: registers the opd estimator)
 from omegaconf import OmegaConf
 from verl.protocol import DataProto
 
-from verl_opd.advantage import compute_opd_advantage
-from verl_opd.opd_config import OPDConfig
-from verl_opd.trainer import opd_advantage_step
+from verl_opd.config.opd_config import OPDConfig
+from verl_opd.core.advantage import compute_opd_advantage
+from verl_opd.glue.trainer import opd_advantage_step
 
 EOS = 2
 

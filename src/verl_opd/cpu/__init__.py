@@ -35,7 +35,7 @@ def register() -> None:
     from verl.workers.rollout.replica import RolloutReplicaRegistry
 
     from verl_opd.cpu.platform import PlatformCPU
-    from verl_opd.patches import install_backend_dedup
+    from verl_opd.glue.patches import install_backend_dedup
 
     if PlatformRegistry.get(PLATFORM_NAME) is not PlatformCPU:
         PlatformRegistry.register(platform=PLATFORM_NAME)(PlatformCPU)

@@ -15,9 +15,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from verl_opd.checks.resources import required_cpu_ray
+from verl_opd.config.opd_config import mixed_precision
 from verl_opd.cpu import PLATFORM_NAME, ROLLOUT_NAME
-from verl_opd.opd_config import mixed_precision
-from verl_opd.resources import required_cpu_ray
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def activate_cpu_platform() -> None:
     from verl.plugin.platform import get_platform, set_platform
 
     from verl_opd.cpu.platform import PlatformCPU
-    from verl_opd.patches import install_backend_dedup
+    from verl_opd.glue.patches import install_backend_dedup
 
     os.environ.update(CPU_ENV)
     if get_platform().device_name != "cpu":

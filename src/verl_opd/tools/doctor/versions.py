@@ -9,7 +9,7 @@ import subprocess
 import sys
 from typing import Any
 
-from verl_opd.doctor.report import FAIL, PASS, Check
+from verl_opd.tools.doctor.report import FAIL, PASS, Check
 
 # What verl-opd is built and tested against (pyproject.toml pins the same ranges).
 SUPPORTED_VERSIONS: tuple[tuple[str, str], ...] = (
@@ -70,16 +70,16 @@ def step(name, fn):
         out[name] = {"ok": False, "detail": f"{type(exc).__name__}: {exc}".strip()}
 import verl
 out["verl"] = {"ok": True, "detail": getattr(verl, "__version__", "?")}
-out["loaded_by_verl"] = {"ok": "verl_opd.plugin" in sys.modules, "detail": ""}
+out["loaded_by_verl"] = {"ok": "verl_opd.glue.plugin" in sys.modules, "detail": ""}
 def estimator():
     from verl.trainer.ppo.core_algos import get_adv_estimator_fn
     fn = get_adv_estimator_fn("opd")
     return f"{fn.__module__}.{fn.__qualname__}"
 step("estimator", estimator)
 def plugin():
-    import verl_opd.plugin as p
+    import verl_opd.glue.plugin as p
     assert p.LOAD_ERROR is None, p.LOAD_ERROR.strip().splitlines()[-1]
-    return "verl_opd.plugin.LOAD_ERROR is None"
+    return "verl_opd.glue.plugin.LOAD_ERROR is None"
 step("plugin", plugin)
 def trainer():
     from verl.trainer.ppo.v1 import get_trainer_cls
@@ -93,14 +93,14 @@ print("VERL_OPD_PROBE " + json.dumps(out), flush=True)
 def _entry_point_checks() -> list[Check]:
     from importlib.metadata import entry_points
 
-    ours = [ep for ep in entry_points(group="verl.plugins") if ep.value.split(":")[0] == "verl_opd.plugin"]
+    ours = [ep for ep in entry_points(group="verl.plugins") if ep.value.split(":")[0] == "verl_opd.glue.plugin"]
     if not ours:
         return [
             Check(
                 "plugin",
                 "entry point",
                 FAIL,
-                "no verl.plugins entry point for verl_opd.plugin in this environment: install the package "
+                "no verl.plugins entry point for verl_opd.glue.plugin in this environment: install the package "
                 "(pip install -e . in the verl-opd checkout) into the Python that runs verl",
             )
         ]
@@ -150,12 +150,12 @@ def check_plugin(python: str = sys.executable, timeout_s: float = PLUGIN_TIMEOUT
                 "plugin",
                 "loads in a fresh process",
                 FAIL,
-                "`import verl` did not load verl_opd.plugin (entry points disabled? stale install?): "
+                "`import verl` did not load verl_opd.glue.plugin (entry points disabled? stale install?): "
                 "reinstall with pip install -e . and unset VERL_USE_EXTERNAL_PLUGINS",
             )
         )
     else:
-        detail = f"verl_opd.plugin failed to load: {plugin['detail']}"
+        detail = f"verl_opd.glue.plugin failed to load: {plugin['detail']}"
         if stderr_tail:
             detail += f"\n{stderr_tail}"
         checks.append(Check("plugin", "loads in a fresh process", FAIL, detail))

@@ -1,9 +1,9 @@
 """``config``: the overrides compose into a run that verl-opd's driver hook and verl accept.
 
 Exactly what ``python -m verl.trainer.main_ppo`` does at start-up, in this process:
-compose, :func:`verl_opd.driver.configure` (with the same overrides, so the same CPU
+compose, :func:`verl_opd.glue.driver.configure` (with the same overrides, so the same CPU
 defaults), verl's ``validate_config``. Then the files and machine the run would use,
-with the driver's own functions (:mod:`verl_opd.inputs`, :mod:`verl_opd.resources`).
+with the driver's own functions (:mod:`verl_opd.checks.inputs`, :mod:`verl_opd.checks.resources`).
 Keys of the run the overrides do not give (rollout engine, data files, devices; with
 no overrides at all, also verl's ``validate_config``) are reported as ``SKIP`` with what
 to pass: they belong to the run, not to the pair.
@@ -21,8 +21,8 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from verl_opd.doctor.report import FAIL, PASS, SKIP, WARN, Check
-from verl_opd.inputs import DATA_KEYS, STUDENT_KEY, TEACHER_KEY
+from verl_opd.checks.inputs import DATA_KEYS, STUDENT_KEY, TEACHER_KEY
+from verl_opd.tools.doctor.report import FAIL, PASS, SKIP, WARN, Check
 
 CONFIG_MODULE = "verl.trainer.config"
 DEFAULT_CONFIG_NAME = "opd_trainer"
@@ -123,9 +123,9 @@ def _not_given(name: str, what: str) -> Check:
 
 
 def check_data(config: Any, given: set[str]) -> list[Check]:
-    """Each data key the overrides give, with the driver's own check (:func:`verl_opd.inputs.check_data_files`)."""
-    from verl_opd.inputs import check_data_files
-    from verl_opd.opd_config import OPDConfigError
+    """Each data key given, with the driver's own check (:func:`~verl_opd.checks.inputs.check_data_files`)."""
+    from verl_opd.checks.inputs import check_data_files
+    from verl_opd.config.opd_config import OPDConfigError
 
     checks = []
     for key in DATA_KEYS:
@@ -142,14 +142,14 @@ def check_data(config: Any, given: set[str]) -> list[Check]:
 
 
 def check_machine(config: Any, given: set[str]) -> list[Check]:
-    """The run's resource request vs this machine (:func:`verl_opd.resources.check_resources`), and its engine.
+    """The run's resource request vs this machine (:func:`verl_opd.checks.resources.check_resources`), and its engine.
 
     A GPU run on a machine without any GPU is a ``WARN``: the doctor needs no GPU, and
     is often run before moving to the GPU machine (``main_ppo`` there is checked again).
     """
     from omegaconf import OmegaConf
 
-    from verl_opd.resources import ResourceError, check_resources, ray_address, resource_pools, visible_devices
+    from verl_opd.checks.resources import ResourceError, check_resources, ray_address, resource_pools, visible_devices
 
     checks = []
     rollout = OmegaConf.select(config, ROLLOUT_KEY, default=None)
@@ -189,7 +189,7 @@ def check_config(
     """
     from omegaconf import OmegaConf, open_dict
 
-    from verl_opd.overrides import given_keys
+    from verl_opd.checks.overrides import given_keys
 
     try:
         config = compose_opd_config(overrides, config_name, student=student, teacher=teacher)
@@ -230,7 +230,7 @@ def check_config(
             )
         )
 
-    from verl_opd.driver import configure
+    from verl_opd.glue.driver import configure
 
     quiet = contextlib.redirect_stdout(io.StringIO())  # verl prints its checkpoint lookup
     with _capture_verl_opd_logs() as records, quiet, warnings.catch_warnings():

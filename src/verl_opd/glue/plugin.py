@@ -31,8 +31,8 @@ def _load_cpu_backend() -> None:
 
 
 def _load_opd() -> None:
-    from verl_opd import driver, estimator
-    from verl_opd.import_hooks import after_import
+    from verl_opd.glue import driver, estimator
+    from verl_opd.glue.import_hooks import after_import
 
     estimator.register()
     driver.install()
@@ -40,7 +40,7 @@ def _load_opd() -> None:
 
 
 def _register_trainer() -> None:
-    import verl_opd.trainer  # noqa: F401  (registers trainer_mode "opd")
+    import verl_opd.glue.trainer  # noqa: F401  (registers trainer_mode "opd")
 
 
 def _loud(what: str) -> str:

@@ -14,14 +14,14 @@ are fp32. It changes the forward of one ``nn.Linear`` instance, never a class: p
 state dict, FSDP sharding hooks and the weights synced to the rollout engine are untouched.
 :class:`FP32HeadWorker` installs it each time verl (re)builds the engine's module, so the
 student's log-prob pass and its training forward use the same head (the PPO ratio compares
-the two), and :class:`~verl_opd.teacher_worker.TeacherWorker` inherits it for the teacher.
+the two), and :class:`~verl_opd.glue.teacher_worker.TeacherWorker` inherits it for the teacher.
 
 verl's fused LM head (``model.use_fused_kernels=True``) never calls ``lm_head``'s forward: it
 reads the weight directly (verl/models/transformers/monkey_patch.py:246-286). Its ``triton``
 backend accumulates the logits in fp32 tiles (verl/utils/kernel/kernels.py:271, :303), so it
 already gives fp32 log-probs; its ``torch`` backend computes ``hidden @ weight.T`` in the
 hidden states' dtype (verl/utils/experimental/torch_functional.py), i.e. bf16 logits, and is
-refused by :func:`verl_opd.opd_config.apply_opd_settings` under ``opd.precision=bf16``.
+refused by :func:`verl_opd.config.opd_config.apply_opd_settings` under ``opd.precision=bf16``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-from verl_opd.doctor.report import FAIL, PASS, Check
+from verl_opd.tools.doctor.report import FAIL, PASS, Check
 
 
 def permute_token_ids(model_dir: str, out_dir: str, pairs: Sequence[tuple[str, str]] = (("1", "2"), ("a", "e"))) -> str:
@@ -67,11 +67,11 @@ def run_selftest(workdir: str | None = None, n_prompts: int = 4, seed: int = 0) 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from verl_opd.advantage import compute_opd_advantage
+    from verl_opd.checks.tokenizer_check import compare_tokenizers
+    from verl_opd.core.advantage import compute_opd_advantage
     from verl_opd.tiny.model import build_model
     from verl_opd.tiny.task import make_problems, prompt_text
     from verl_opd.tiny.tokenizer import build_tokenizer
-    from verl_opd.tokenizer_check import compare_tokenizers
 
     hf_logging.disable_progress_bar()
     checks: list[Check] = []

@@ -9,9 +9,9 @@ exit code is 1 when any check failed. The checks, in order, one module each:
   advantage estimator and the ``opd`` trainer (verl swallows plugin errors, so this is
   the only way to see them before a run).
 * ``tokenizers`` (:mod:`.tokenizers`): student and teacher map text to the same ids, share
-  special tokens and the chat template (:func:`verl_opd.tokenizer_check.compare_tokenizers`).
+  special tokens and the chat template (:func:`verl_opd.checks.tokenizer_check.compare_tokenizers`).
 * ``config`` (:mod:`.config`): the Hydra overrides compose into a verl config that verl-opd's
-  driver hook (:func:`verl_opd.driver.configure`) and verl's own ``validate_config`` accept,
+  driver hook (:func:`verl_opd.glue.driver.configure`) and verl's own ``validate_config`` accept,
   exactly as ``python -m verl.trainer.main_ppo`` would do at start-up; then the data files
   and the run's resources vs this machine, with the driver's own checks. Keys of the run
   that are not given (rollout engine, data files, devices) are ``SKIP``: not checked.
@@ -26,12 +26,12 @@ Usage::
 Options come first, then the Hydra overrides (as with ``main_ppo``).
 """
 
-from verl_opd.doctor.cli import add_doctor_arguments, add_doctor_parser, main, run_doctor
-from verl_opd.doctor.config import check_config, compose_opd_config
-from verl_opd.doctor.report import SECTIONS, Check
-from verl_opd.doctor.selftest import permute_token_ids, run_selftest
-from verl_opd.doctor.tokenizers import check_tokenizers
-from verl_opd.doctor.versions import SUPPORTED_VERSIONS, check_plugin, check_versions
+from verl_opd.tools.doctor.cli import add_doctor_arguments, add_doctor_parser, main, run_doctor
+from verl_opd.tools.doctor.config import check_config, compose_opd_config
+from verl_opd.tools.doctor.report import SECTIONS, Check
+from verl_opd.tools.doctor.selftest import permute_token_ids, run_selftest
+from verl_opd.tools.doctor.tokenizers import check_tokenizers
+from verl_opd.tools.doctor.versions import SUPPORTED_VERSIONS, check_plugin, check_versions
 
 __all__ = [
     "Check",

@@ -3,7 +3,7 @@
 Without them a teacher directory without weights fails only after Ray and model
 init (with an ``OSError``, or blamed on the tokenizer when only ``config.json`` is
 there), and a data file without the prompt column fails inside a Ray worker. The
-driver hook (:func:`verl_opd.driver.configure`) runs them for every run; the doctor
+driver hook (:func:`verl_opd.glue.driver.configure`) runs them for every run; the doctor
 calls the same functions to report each one.
 """
 
@@ -14,7 +14,7 @@ import os
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from verl_opd.opd_config import OPDConfigError
+from verl_opd.config.opd_config import OPDConfigError
 
 STUDENT_KEY = "actor_rollout_ref.model.path"
 TEACHER_KEY = "opd.teacher.model_path"

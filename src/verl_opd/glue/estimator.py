@@ -1,6 +1,6 @@
 """Register ``algorithm.adv_estimator=opd`` with verl's advantage-estimator registry.
 
-The registry is the call path: :class:`verl_opd.trainer.OPDTrainer` looks the
+The registry is the call path: :class:`verl_opd.glue.trainer.OPDTrainer` looks the
 estimator up with ``core_algos.get_adv_estimator_fn("opd")`` and calls it, as verl's
 own ``compute_advantage`` (``verl/trainer/ppo/ray_trainer.py``) calls every estimator
 other than ``gae``/``grpo``::
@@ -8,7 +8,7 @@ other than ``gae``/``grpo``::
     fn(token_level_rewards=..., response_mask=..., config=<algorithm config>, index=<uid array>, ...)
 
 ``token_level_rewards`` is the per-token OPD KL reward ``r_t = -kl_coef * (log pi_S -
-log pi_T)`` (:func:`verl_opd.advantage.opd_token_rewards`); verl passes no log-probs to
+log pi_T)`` (:func:`verl_opd.core.advantage.opd_token_rewards`); verl passes no log-probs to
 an estimator, so the trainer computes ``r_t`` first. The OPD trainer adds three
 keywords that verl's ``compute_advantage`` never passes: ``discount``,
 ``sequence_rewards`` (the task reward R per sequence) and ``task_reward_coef``. Called
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from verl_opd.advantage import advantage_from_rewards
+from verl_opd.core.advantage import advantage_from_rewards
 
 __all__ = ["ESTIMATOR_NAME", "compute_opd_estimator", "register"]
 

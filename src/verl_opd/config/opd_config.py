@@ -170,7 +170,7 @@ def resolve_precision(config: DictConfig, opd: OPDConfig) -> str:
     ``fp32``: both engines compute in float32 (FSDP ``param_dtype=fp32``, which makes verl's engine
     skip autocast, verl/workers/engine/fsdp/transformer_impl.py:1559-1565); ~12x slower matmuls than
     bf16 on an H100, and FlashAttention cannot run. ``bf16``: both bodies compute in bf16 (verl's
-    default), and both heads in fp32 (:mod:`verl_opd.precision`), so the log-probs come from fp32 logits.
+    default), and both heads in fp32 (:mod:`verl_opd.glue.precision`), so the log-probs come from fp32 logits.
     """
     if opd.precision != "auto":
         return opd.precision
@@ -295,7 +295,7 @@ def _opd_rules(config: DictConfig, opd: OPDConfig, precision: str) -> list[tuple
         ("trainer.v1.trainer_mode", TRAINER_MODE),
         # The rollout's own log-probs are kept to log their gap to the recomputed ones.
         ("actor_rollout_ref.rollout.calculate_log_probs", True),
-        # Both bodies compute in opd.precision; both heads in fp32 (verl_opd.precision). verl's ref engine
+        # Both bodies compute in opd.precision; both heads in fp32 (verl_opd.glue.precision). verl's ref engine
         # config is ref.fsdp_config (verl/workers/config/actor.py:321), so this reaches the teacher's engine.
         ("actor_rollout_ref.actor.fsdp_config.mixed_precision", mixed_precision(precision)),
         ("actor_rollout_ref.ref.fsdp_config.mixed_precision", mixed_precision(precision)),
@@ -311,10 +311,10 @@ def _opd_rules(config: DictConfig, opd: OPDConfig, precision: str) -> list[tuple
 
 def apply_opd_settings(config: DictConfig) -> list[str]:
     """Validate an OPD run and set what it needs in ``config``; return the ``key=value`` changes."""
-    from verl_opd.checkpoint_identity import check_resume_teacher
-    from verl_opd.inputs import TEACHER_KEY, check_model_weights
-    from verl_opd.teacher_fit import check_teacher_fits
-    from verl_opd.tokenizer_check import assert_compatible_tokenizers
+    from verl_opd.checks.checkpoint_identity import check_resume_teacher
+    from verl_opd.checks.inputs import TEACHER_KEY, check_model_weights
+    from verl_opd.checks.teacher_fit import check_teacher_fits
+    from verl_opd.checks.tokenizer_check import assert_compatible_tokenizers
 
     _take_legacy_teacher_key(config)
     opd = OPDConfig.from_config(config)

@@ -4,7 +4,7 @@ Registered as ``trainer.v1.trainer_mode=opd`` (set automatically by
 ``algorithm.adv_estimator=opd``). It differs from verl's ``sync`` trainer in three
 places, plus one latency setting:
 
-1. the actor/rollout/ref worker is :class:`~verl_opd.teacher_worker.OPDWorker`,
+1. the actor/rollout/ref worker is :class:`~verl_opd.glue.teacher_worker.OPDWorker`,
    which loads the teacher into the reference slot;
 2. :meth:`OPDTrainer._compute_advantage` computes the per-token KL reward from the
    student's and the teacher's log-probs of the sampled tokens and hands it, with the
@@ -38,11 +38,11 @@ from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_to_nested
 
-from verl_opd.advantage import opd_token_rewards
-from verl_opd.checkpoint_identity import teacher_identity, write_teacher_identity
-from verl_opd.metrics import eos_metrics, opd_metrics
-from verl_opd.opd_config import TRAINER_MODE, OPDConfig
-from verl_opd.teacher_worker import OPDWorker
+from verl_opd.checks.checkpoint_identity import teacher_identity, write_teacher_identity
+from verl_opd.config.opd_config import TRAINER_MODE, OPDConfig
+from verl_opd.core.advantage import opd_token_rewards
+from verl_opd.core.metrics import eos_metrics, opd_metrics
+from verl_opd.glue.teacher_worker import OPDWorker
 
 logger = logging.getLogger(__name__)
 

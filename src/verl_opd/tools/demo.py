@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from verl_opd.console_metrics import parse_step_metrics
+from verl_opd.tools.console_metrics import parse_step_metrics
 
 DEFAULT_WORKDIR = Path(".cache") / "verl-opd-demo"
 DEFAULT_STEPS = 40

@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from verl_opd.opd_config import OPDConfig, OPDConfigError
+from verl_opd.config.opd_config import OPDConfig, OPDConfigError
 
 logger = logging.getLogger(__name__)
 

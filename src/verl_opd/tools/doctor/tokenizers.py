@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from verl_opd.doctor.report import FAIL, PASS, Check
+from verl_opd.tools.doctor.report import FAIL, PASS, Check
 
 # Fix to print under a failed tokenizer check (the check's own detail says what differs).
 _TOKENIZER_FIXES = {
@@ -35,7 +35,7 @@ def _model_dir_problem(path: str | None, role: str, flag: str) -> str | None:
 
 
 def check_tokenizers(student: str | None, teacher: str | None) -> list[Check]:
-    """One line per :class:`~verl_opd.tokenizer_check.TokenizerCheck`; unreadable paths are a FAIL."""
+    """One line per :class:`~verl_opd.checks.tokenizer_check.TokenizerCheck`; unreadable paths are a FAIL."""
     problems = [
         Check("tokenizers", role, FAIL, problem)
         for role, problem in (
@@ -46,7 +46,7 @@ def check_tokenizers(student: str | None, teacher: str | None) -> list[Check]:
     ]
     if problems:
         return problems
-    from verl_opd.tokenizer_check import compare_tokenizers
+    from verl_opd.checks.tokenizer_check import compare_tokenizers
 
     try:
         results = compare_tokenizers(student, teacher)

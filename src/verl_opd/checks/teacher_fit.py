@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from verl_opd.opd_config import OPDConfigError
+from verl_opd.config.opd_config import OPDConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ forever, with only the autoscaler's "No available node types can fulfill resourc
 request" every 35 s. So every run through verl-opd's driver hook (GRPO too) is checked
 here first, with an error naming the keys to change. What cannot be seen before Ray
 starts (an existing cluster's nodes) is covered by a placement timeout
-(:func:`verl_opd.patches.install_placement_timeout`).
+(:func:`verl_opd.glue.patches.install_placement_timeout`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from verl_opd.opd_config import OPDConfigError
+from verl_opd.config.opd_config import OPDConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def apply_cpu_defaults(config: DictConfig, overrides: Sequence[str] | None) -> l
     """
     if overrides is None:
         return []
-    from verl_opd.overrides import given_keys
+    from verl_opd.checks.overrides import given_keys
 
     given = given_keys(overrides)
     changes = []

@@ -11,8 +11,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from verl_opd.demo import STUDENT_STORY, add_demo_parser
-from verl_opd.doctor import add_doctor_parser
+from verl_opd.tools.demo import STUDENT_STORY, add_demo_parser
+from verl_opd.tools.doctor import add_doctor_parser
 
 
 def _tiny_tokenizer(args: argparse.Namespace) -> int:

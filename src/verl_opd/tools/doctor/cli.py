@@ -7,12 +7,12 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from verl_opd.doctor.config import DEFAULT_CONFIG_NAME, check_config
-from verl_opd.doctor.report import FAIL, PASS, SECTIONS, SKIP, SUMMARY, WARN, Check
-from verl_opd.doctor.selftest import run_selftest
-from verl_opd.doctor.tokenizers import check_tokenizers
-from verl_opd.doctor.versions import check_plugin, check_versions
-from verl_opd.inputs import STUDENT_KEY, TEACHER_KEY
+from verl_opd.checks.inputs import STUDENT_KEY, TEACHER_KEY
+from verl_opd.tools.doctor.config import DEFAULT_CONFIG_NAME, check_config
+from verl_opd.tools.doctor.report import FAIL, PASS, SECTIONS, SKIP, SUMMARY, WARN, Check
+from verl_opd.tools.doctor.selftest import run_selftest
+from verl_opd.tools.doctor.tokenizers import check_tokenizers
+from verl_opd.tools.doctor.versions import check_plugin, check_versions
 
 
 def add_doctor_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +45,7 @@ def add_doctor_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _model_paths(args: argparse.Namespace) -> tuple[str | None, str | None, list[str], list[Check]]:
     """Student and teacher from the flags, else from the overrides; flags replace such overrides."""
-    from verl_opd import overrides as hydra_overrides
+    from verl_opd.checks import overrides as hydra_overrides
 
     overrides, notes = list(args.overrides), []
     paths = {}

@@ -3,16 +3,16 @@
 Every verl entry point (``main_ppo`` and friends) calls
 ``verl.utils.device.auto_set_device(config)`` first, right after Hydra composed the
 config and before ``validate_config``. :func:`install` hooks :func:`configure` in
-there (the wrapper itself lives in :mod:`verl_opd.patches`), so the switches
+there (the wrapper itself lives in :mod:`verl_opd.glue.patches`), so the switches
 verl-opd adds take effect, and every run through it is checked before Ray starts:
 
 * ``trainer.device=cpu``: CPU defaults for the device keys the command line does not
-  set (:func:`verl_opd.resources.apply_cpu_defaults`), then
+  set (:func:`verl_opd.checks.resources.apply_cpu_defaults`), then
   :func:`verl_opd.cpu.settings.apply_cpu_settings`.
-* the student's weights (:mod:`verl_opd.inputs`).
-* ``algorithm.adv_estimator=opd``: :func:`verl_opd.opd_config.apply_opd_settings`.
-* what the run asks of Ray vs this machine (:func:`verl_opd.resources.check_resources`)
-  and the data files (:mod:`verl_opd.inputs`).
+* the student's weights (:mod:`verl_opd.checks.inputs`).
+* ``algorithm.adv_estimator=opd``: :func:`verl_opd.config.opd_config.apply_opd_settings`.
+* what the run asks of Ray vs this machine (:func:`verl_opd.checks.resources.check_resources`)
+  and the data files (:mod:`verl_opd.checks.inputs`).
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ def configure(config: Any, overrides: Sequence[str] | None = None, *, check_envi
     """
     if not isinstance(config, DictConfig) or OmegaConf.select(config, "trainer.device") is None:
         return
-    from verl_opd.inputs import DATA_KEYS, check_data_files, check_student
-    from verl_opd.resources import apply_cpu_defaults, check_resources
+    from verl_opd.checks.inputs import DATA_KEYS, check_data_files, check_student
+    from verl_opd.checks.resources import apply_cpu_defaults, check_resources
 
     if overrides is None:
-        from verl_opd.overrides import from_hydra
+        from verl_opd.checks.overrides import from_hydra
 
         overrides = from_hydra()
     if config.trainer.device == "cpu":
@@ -48,7 +48,7 @@ def configure(config: Any, overrides: Sequence[str] | None = None, *, check_envi
         activate_cpu_platform()
     check_student(config)
     if OmegaConf.select(config, "algorithm.adv_estimator") == "opd":
-        from verl_opd.opd_config import apply_opd_settings
+        from verl_opd.config.opd_config import apply_opd_settings
 
         apply_opd_settings(config)
     if check_environment:
@@ -59,8 +59,8 @@ def configure(config: Any, overrides: Sequence[str] | None = None, *, check_envi
 
 def install() -> None:
     """Hook :func:`configure` into verl's entry points, and give verl's placement groups a deadline."""
-    from verl_opd.import_hooks import after_import
-    from verl_opd.patches import install_config_hook, install_placement_timeout
+    from verl_opd.glue.import_hooks import after_import
+    from verl_opd.glue.patches import install_config_hook, install_placement_timeout
 
     install_config_hook(configure)
     after_import("verl.single_controller.ray.base", install_placement_timeout)

@@ -271,7 +271,7 @@ def advantage_from_rewards(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``A_t = sum_{k >= t} discount^(k - t) * r_k + task_reward_coef * (R - b)`` from the KL rewards ``r_t``.
 
-    This is the body of verl's registered ``opd`` estimator (:mod:`verl_opd.estimator`);
+    This is the body of verl's registered ``opd`` estimator (:mod:`verl_opd.glue.estimator`);
     :func:`compute_opd_advantage` is the same from log-probs. Returns ``(advantages,
     returns)``, equal, float32, 0 outside the mask.
     """

@@ -93,7 +93,7 @@ def install_placement_timeout(base_module: Any) -> None:
     ``RayResourcePool.get_placement_groups`` creates its groups with the module-level name
     ``placement_group`` and then waits on ``ray.get([pg.ready() ...])`` with no timeout
     (verl/single_controller/ray/base.py:155-160). Only that name is wrapped, in that module: each
-    new group is waited for here, up to :func:`verl_opd.resources.placement_timeout_s`, so verl's
+    new group is waited for here, up to :func:`verl_opd.checks.resources.placement_timeout_s`, so verl's
     own wait returns at once, and a group an existing cluster cannot place ends the run with the
     keys to change instead of waiting forever (the local case is refused before Ray starts).
     """
@@ -103,7 +103,7 @@ def install_placement_timeout(base_module: Any) -> None:
 
     @functools.wraps(original)
     def placement_group(*args: Any, **kwargs: Any) -> Any:
-        from verl_opd.resources import PLACEMENT_TIMEOUT_ENV, ResourceError, placement_timeout_s
+        from verl_opd.checks.resources import PLACEMENT_TIMEOUT_ENV, ResourceError, placement_timeout_s
 
         group = original(*args, **kwargs)
         timeout = placement_timeout_s()

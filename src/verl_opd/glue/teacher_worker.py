@@ -4,7 +4,7 @@ verl builds its reference model from a copy of the student's model config, throu
 ``ActorRolloutRefWorker.ref_worker_cls`` (a ``TrainingWorker``). :class:`OPDWorker`
 points that hook at :class:`TeacherWorker`, which swaps in the teacher's model and
 the teacher's placement before verl's engine is built. Both the teacher and the
-student (``actor_worker_cls``) are :class:`~verl_opd.precision.FP32HeadWorker` instances: their
+student (``actor_worker_cls``) are :class:`~verl_opd.glue.precision.FP32HeadWorker` instances: their
 logits come from an fp32 LM head whatever their body computes in. Everything else
 (FSDP, mixed precision, micro-batching, log-prob computation) is verl's own code path,
 so the teacher scores exactly the token ids, attention masks and positions verl gives
@@ -21,7 +21,7 @@ from verl.single_controller.base.decorator import Dispatch, register
 from verl.workers.config import FSDPOptimizerConfig, HFModelConfig, MtpConfig
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorkerConfig
 
-from verl_opd.precision import FP32HeadWorker
+from verl_opd.glue.precision import FP32HeadWorker
 
 logger = logging.getLogger(__name__)
 

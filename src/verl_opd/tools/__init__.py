@@ -1,0 +1,1 @@
+"""User-facing commands: ``verl-opd`` (cli), the demo and the doctor."""
