@@ -166,11 +166,13 @@ class _Utf8Repair:
 
     ``starts``/``ends`` are the replaced byte ranges, in order; each becomes one U+FFFD
     (3 bytes) in the text. ``shift[k]`` is the text-minus-bytes offset after range ``k``.
+    ``text_bytes`` is the UTF-8 of the repaired text: the bytes the teacher's tokens must spell.
     """
 
     starts: np.ndarray
     ends: np.ndarray
     shift: np.ndarray
+    text_bytes: bytes
 
     @classmethod
     def of(cls, data: bytes) -> _Utf8Repair:
@@ -189,7 +191,8 @@ class _Utf8Repair:
                 pos += err.end
         s = np.asarray(starts, dtype=np.int64)
         e = np.asarray(ends, dtype=np.int64)
-        return cls(starts=s, ends=e, shift=np.cumsum(_REPLACEMENT_LEN - (e - s)))
+        text_bytes = data.decode("utf-8", errors="replace").encode() if starts else data
+        return cls(starts=s, ends=e, shift=np.cumsum(_REPLACEMENT_LEN - (e - s)), text_bytes=text_bytes)
 
     def to_text(self, offsets: np.ndarray) -> np.ndarray:
         """Byte offsets of the student's bytes -> offsets in the repaired text.
@@ -287,11 +290,10 @@ def align_chunks(
     t_bytes, _, t_ends = _bytes_and_spans(t_ids[:n_t_text], teacher_table)
 
     repair = _Utf8Repair.of(s_bytes)
-    expected = s_bytes.decode("utf-8", errors="replace").encode() if repair.starts.size else s_bytes
-    if t_bytes != expected:
+    if t_bytes != repair.text_bytes:
         raise ValueError(
             f"the teacher's response bytes ({len(t_bytes)}) are not the student's response text "
-            f"({len(expected)} bytes): encode response_text(student text ids, student byte table) with the "
+            f"({len(repair.text_bytes)} bytes): encode response_text(student text ids, student byte table) with the "
             "teacher tokenizer, without adding special tokens, and use each tokenizer's own byte table."
         )
 
@@ -348,11 +350,11 @@ def noncanonical_tokens(
     s_bytes, s_starts, s_ends = _bytes_and_spans(s_ids, student_table)
     c_bytes, c_starts, c_ends = _bytes_and_spans(c_ids, student_table)
     repair = _Utf8Repair.of(s_bytes)
-    expected = s_bytes.decode("utf-8", errors="replace").encode() if repair.starts.size else s_bytes
-    if c_bytes != expected:
+    if c_bytes != repair.text_bytes:
         raise ValueError(
-            f"canonical_ids spell {len(c_bytes)} bytes, not the student's response text ({len(expected)} bytes): "
-            "re-encode response_text(student_ids, student_table) with the student tokenizer, without special tokens."
+            f"canonical_ids spell {len(c_bytes)} bytes, not the student's response text "
+            f"({len(repair.text_bytes)} bytes): re-encode response_text(student_ids, student_table) with the "
+            "student tokenizer, without special tokens."
         )
     if c_ids.size == 0:
         return np.zeros(s_ids.size, dtype=bool)  # an empty text: no token to judge
@@ -416,7 +418,9 @@ def compute_xtok_opd_advantage(
     if (kept & ~mask).any():
         raise ValueError("chunk_ids has a chunk index where response_mask is 0: use -1 on padding.")
     if (ids >= ids.shape[1]).any():
-        raise ValueError(f"chunk_ids must be < response_length ({ids.shape[1]}): number the chunks of each row 0, 1, …")
+        raise ValueError(
+            f"chunk_ids must be < response_length ({ids.shape[1]}): number the chunks of each row 0, 1, 2, ..."
+        )
     following = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -1)], dim=1)
     last = kept & (following != ids)  # the last student token of each kept chunk
     end_ids = torch.where(last, ids, torch.full_like(ids, -1))
