@@ -53,8 +53,11 @@ __all__ = [
     "response_text",
     "align_chunks",
     "noncanonical_tokens",
+    "chunk_rewards",
+    "advantage_from_chunk_rewards",
     "compute_xtok_opd_advantage",
     "chunk_metrics",
+    "token_chunk_metrics",
 ]
 
 # Per-chunk mask reasons (ChunkAlignment.mask_reason). A chunk with several reasons gets the
@@ -364,6 +367,116 @@ def noncanonical_tokens(
     return ~same & ~repair.touches(s_starts, s_ends)
 
 
+def _chunk_last_tokens(chunk_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` bool: the last student token of each kept chunk; validates ``chunk_ids``.
+
+    Raises:
+        ValueError: chunk ids outside the response mask, ``>= T``, not contiguous or not increasing.
+    """
+    mask = response_mask.detach().bool()
+    ids = chunk_ids.detach().to(torch.long)
+    kept = ids >= 0
+    if (kept & ~mask).any():
+        raise ValueError("chunk_ids has a chunk index where response_mask is 0: use -1 on padding.")
+    if (ids >= ids.shape[1]).any():
+        raise ValueError(
+            f"chunk_ids must be < response_length ({ids.shape[1]}): number the chunks of each row 0, 1, 2, ..."
+        )
+    following = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -1)], dim=1)
+    last = kept & (following != ids)
+    end_ids = torch.where(last, ids, torch.full_like(ids, -1))
+    before = torch.cat([torch.full_like(ids[:, :1], -1), torch.cummax(end_ids, dim=1).values[:, :-1]], dim=1)
+    if (last & (ids <= before)).any():
+        raise ValueError(
+            "chunk_ids must number each row's chunks in increasing order, each chunk one contiguous run of "
+            "tokens (a chunk split by a hole or out of order cannot be credited)."
+        )
+    return last
+
+
+def chunk_rewards(
+    student_log_probs: torch.Tensor,
+    teacher_chunk_log_probs: torch.Tensor,
+    chunk_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    kl_coef: float = 1.0,
+) -> torch.Tensor:
+    """Per-chunk KL reward ``r_c = -kl_coef * (S_c - T_c)`` on each kept chunk's last student token, 0 elsewhere.
+
+    The chunk analogue of :func:`~verl_opd.core.advantage.opd_token_rewards` (same sign: positive
+    where the teacher gives the chunk's text more probability than the student did); with one-token
+    chunks it is exactly that function's output. ``S_c`` is summed in float64, so a one-token chunk's
+    sum is its own log-prob bit for bit.
+
+    Args:
+        student_log_probs: ``(B, T)`` student log-probs of the sampled tokens.
+        teacher_chunk_log_probs: ``(B, T)``, ``T_c`` on each chunk's last student token (other
+            positions are not read); see :meth:`ChunkAlignment.teacher_log_probs_on_student`.
+        chunk_ids: ``(B, T)`` integer chunk index of each student token, -1 on masked chunks and
+            padding; each chunk a contiguous run, indices increasing along the row and ``< T``.
+        response_mask: ``(B, T)``, nonzero on sampled response tokens.
+        kl_coef: weight of the reverse-KL reward, finite and >= 0.
+
+    Returns:
+        ``(B, T)`` float32 rewards, detached.
+    """
+    _check_same_2d(
+        student_log_probs=student_log_probs,
+        teacher_chunk_log_probs=teacher_chunk_log_probs,
+        chunk_ids=chunk_ids,
+        response_mask=response_mask,
+    )
+    last = _chunk_last_tokens(chunk_ids, response_mask)
+    ids = chunk_ids.detach().to(torch.long)
+    kept = ids >= 0
+    index_ = ids.clamp(min=0)
+    log_probs = student_log_probs.detach()
+    zero64 = torch.zeros((), dtype=torch.float64, device=log_probs.device)
+    per_token = torch.where(kept, log_probs.to(torch.float64), zero64)
+    chunk_sums = torch.zeros_like(per_token).scatter_add_(1, index_, per_token)
+    work_dtype = torch.float64 if log_probs.dtype == torch.float64 else torch.float32
+    student_chunk = chunk_sums.gather(1, index_).to(work_dtype)
+    return opd_token_rewards(student_chunk, teacher_chunk_log_probs, last, kl_coef=kl_coef)
+
+
+def advantage_from_chunk_rewards(
+    rewards: torch.Tensor,
+    chunk_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    discount: float = 0.0,
+    sequence_rewards: torch.Tensor | None = None,
+    task_reward_coef: float = 0.0,
+    index: Sequence[Hashable] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A_t = G_{c(t)} + task_reward_coef * (R - b)`` from chunk rewards ``r_c`` on chunks' last tokens.
+
+    ``G_c = r_c + discount * G_{c'}`` with ``c'`` the next *kept* chunk: the discount counts kept
+    chunks, masked chunks are skipped and get no KL advantage. Every student token of a chunk gets
+    the chunk's return (broadcast), the score-function estimator of the chunk's log-ratio. The task
+    part is a per-sequence signal that does not depend on tokenisation: as in
+    :func:`~verl_opd.core.advantage.compute_opd_advantage` it covers every response token, masked
+    chunks included. Built from that function's pieces, so one-token chunks everywhere give bitwise
+    the same tensors for every discount. What the registered ``opd`` estimator computes when verl's
+    trainer passes it ``chunk_ids``.
+
+    Returns:
+        ``(advantages, returns)``, both ``(B, T)`` float32 and equal, 0 on padding.
+    """
+    _check_same_2d(rewards=rewards, chunk_ids=chunk_ids, response_mask=response_mask)
+    last = _chunk_last_tokens(chunk_ids, response_mask)
+    ids = chunk_ids.detach().to(torch.long)
+    kept = ids >= 0
+    index_ = ids.clamp(min=0)
+    returns_at_last = discounted_reward_to_go(rewards, last, discount)
+    zero = torch.zeros((), dtype=returns_at_last.dtype, device=returns_at_last.device)
+    chunk_returns = torch.zeros_like(returns_at_last).scatter_add_(1, index_, torch.where(last, returns_at_last, zero))
+    advantages = torch.where(kept, chunk_returns.gather(1, index_), zero)
+    task = task_advantage(sequence_rewards, response_mask, task_reward_coef, index)
+    if task is not None:
+        advantages = advantages + task
+    return advantages, advantages
+
+
 def compute_xtok_opd_advantage(
     student_log_probs: torch.Tensor,
     teacher_chunk_log_probs: torch.Tensor,
@@ -375,80 +488,50 @@ def compute_xtok_opd_advantage(
     task_reward_coef: float = 0.0,
     index: Sequence[Hashable] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunk OPD advantages in the student's geometry.
+    """Chunk OPD advantages in the student's geometry: :func:`chunk_rewards` then :func:`advantage_from_chunk_rewards`.
 
-    ``d_c = S_c - T_c``, ``r_c = -kl_coef * d_c``, ``G_c = r_c + discount * G_{c'}`` with
-    ``c'`` the next *kept* chunk, and ``A_t = G_{c(t)} + task_reward_coef * (R - b)``: every
-    student token of a chunk gets the chunk's return (broadcast), the score-function
-    estimator of the chunk's log-ratio. Positive where the teacher prefers the chunk's text.
-
-    Masked chunks get no KL advantage and are skipped by the recursion (the discount counts
-    kept chunks). The task part is a per-sequence signal that does not depend on
-    tokenisation: as in :func:`~verl_opd.core.advantage.compute_opd_advantage` it covers every
-    response token, masked chunks included.
-
-    Built from the same functions as ``compute_opd_advantage`` (rewards, reward-to-go, task
-    part), so one-token chunks everywhere give bitwise the same tensors for every discount.
-
-    Args:
-        student_log_probs: ``(B, T)`` student log-probs of the sampled tokens.
-        teacher_chunk_log_probs: ``(B, T)``, ``T_c`` on each chunk's last student token (other
-            positions are not read); see :meth:`ChunkAlignment.teacher_log_probs_on_student`.
-        chunk_ids: ``(B, T)`` integer chunk index of each student token, -1 on masked chunks and
-            padding; each chunk a contiguous run, indices increasing along the row and ``< T``.
-        response_mask: ``(B, T)``, nonzero on sampled response tokens.
-        kl_coef, discount, sequence_rewards, task_reward_coef, index: as in ``compute_opd_advantage``.
-
-    Returns:
-        ``(advantages, returns)``, both ``(B, T)`` float32 and equal, 0 on padding.
+    ``d_c = S_c - T_c``, ``r_c = -kl_coef * d_c``, ``G_c = r_c + discount * G_{c'}``,
+    ``A_t = G_{c(t)} + task_reward_coef * (R - b)``. Positive where the teacher prefers the chunk's text.
+    Arguments as in those two functions and :func:`~verl_opd.core.advantage.compute_opd_advantage`.
 
     Raises:
         ValueError: on shape mismatches, invalid coefficients, or chunk ids that are outside the
             response mask, not contiguous, not increasing, or ``>= T``.
     """
-    _check_same_2d(
-        student_log_probs=student_log_probs,
-        teacher_chunk_log_probs=teacher_chunk_log_probs,
-        chunk_ids=chunk_ids,
-        response_mask=response_mask,
+    rewards = chunk_rewards(student_log_probs, teacher_chunk_log_probs, chunk_ids, response_mask, kl_coef)
+    return advantage_from_chunk_rewards(
+        rewards, chunk_ids, response_mask, discount, sequence_rewards, task_reward_coef, index
     )
-    mask = response_mask.detach().bool()
-    ids = chunk_ids.detach().to(torch.long)
-    kept = ids >= 0
-    if (kept & ~mask).any():
-        raise ValueError("chunk_ids has a chunk index where response_mask is 0: use -1 on padding.")
-    if (ids >= ids.shape[1]).any():
-        raise ValueError(
-            f"chunk_ids must be < response_length ({ids.shape[1]}): number the chunks of each row 0, 1, 2, ..."
-        )
-    following = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -1)], dim=1)
-    last = kept & (following != ids)  # the last student token of each kept chunk
-    end_ids = torch.where(last, ids, torch.full_like(ids, -1))
-    before = torch.cat([torch.full_like(ids[:, :1], -1), torch.cummax(end_ids, dim=1).values[:, :-1]], dim=1)
-    if (last & (ids <= before)).any():
-        raise ValueError(
-            "chunk_ids must number each row's chunks in increasing order, each chunk one contiguous run of "
-            "tokens (a chunk split by a hole or out of order cannot be credited)."
-        )
 
-    index_ = ids.clamp(min=0)
-    # S_c summed in float64; a one-token chunk's sum is its own log-prob exactly (x + 0 == x).
-    log_probs = student_log_probs.detach()
-    zero64 = torch.zeros((), dtype=torch.float64, device=log_probs.device)
-    per_token = torch.where(kept, log_probs.to(torch.float64), zero64)
-    chunk_sums = torch.zeros_like(per_token).scatter_add_(1, index_, per_token)
-    work_dtype = torch.float64 if log_probs.dtype == torch.float64 else torch.float32
-    student_chunk = chunk_sums.gather(1, index_).to(work_dtype)
 
-    rewards = opd_token_rewards(student_chunk, teacher_chunk_log_probs, last, kl_coef=kl_coef)  # r_c on last tokens
-    returns_at_last = discounted_reward_to_go(rewards, last, discount)
-    zero = torch.zeros((), dtype=returns_at_last.dtype, device=returns_at_last.device)
-    chunk_returns = torch.zeros_like(returns_at_last).scatter_add_(1, index_, torch.where(last, returns_at_last, zero))
-    advantages = torch.where(kept, chunk_returns.gather(1, index_), zero)
-    task = task_advantage(sequence_rewards, response_mask, task_reward_coef, index)
-    if task is not None:
-        advantages = advantages + task
-    return advantages, advantages
+def _metrics(
+    student_per: np.ndarray, teacher_per: np.ndarray, reasons: np.ndarray, n_noncanonical: int
+) -> dict[str, float]:
+    """``opd/xtok/*`` from per-chunk student and teacher token counts and mask reasons (see :func:`chunk_metrics`)."""
+    prefix = "opd/xtok/"
+    keys = [
+        "one_to_one_chunk_frac",
+        "student_tokens_per_chunk",
+        "teacher_tokens_per_chunk",
+        "masked_token_frac",
+        *(f"masked_token_frac/{name}" for name in MASK_REASONS.values()),
+        "noncanonical_token_frac",
+        "teacher_student_length_ratio",
+    ]
+    n_student = int(student_per.sum())
+    if student_per.size == 0 or n_student == 0:
+        return {prefix + key: 0.0 for key in keys}
+    out = {
+        "one_to_one_chunk_frac": float(np.mean((student_per == 1) & (teacher_per == 1))),
+        "student_tokens_per_chunk": float(student_per.mean()),
+        "teacher_tokens_per_chunk": float(teacher_per.mean()),
+        "masked_token_frac": float(student_per[reasons != KEPT].sum() / n_student),
+        "noncanonical_token_frac": n_noncanonical / n_student,
+        "teacher_student_length_ratio": float(teacher_per.sum() / n_student),
+    }
+    for code, name in MASK_REASONS.items():
+        out[f"masked_token_frac/{name}"] = float(student_per[reasons == code].sum() / n_student)
+    return {prefix + key: out[key] for key in keys}
 
 
 def chunk_metrics(alignments: Sequence[ChunkAlignment]) -> dict[str, float]:
@@ -462,31 +545,42 @@ def chunk_metrics(alignments: Sequence[ChunkAlignment]) -> dict[str, float]:
     target <= 1%, not rising). ``teacher_student_length_ratio``: teacher tokens over student
     tokens, batch totals. All 0.0 for a batch without tokens.
     """
-    prefix = "opd/xtok/"
-    keys = [
-        "one_to_one_chunk_frac",
-        "student_tokens_per_chunk",
-        "teacher_tokens_per_chunk",
-        "masked_token_frac",
-        *(f"masked_token_frac/{name}" for name in MASK_REASONS.values()),
-        "noncanonical_token_frac",
-        "teacher_student_length_ratio",
-    ]
-    n_chunks = sum(a.n_chunks for a in alignments)
-    n_student = sum(a.student_chunk.size for a in alignments)
-    if n_chunks == 0 or n_student == 0:
-        return {prefix + key: 0.0 for key in keys}
-    student_per = np.concatenate([a.student_tokens_per_chunk for a in alignments])
-    teacher_per = np.concatenate([a.teacher_tokens_per_chunk for a in alignments])
-    reasons = np.concatenate([a.mask_reason for a in alignments])
-    out = {
-        "one_to_one_chunk_frac": float(np.mean((student_per == 1) & (teacher_per == 1))),
-        "student_tokens_per_chunk": float(student_per.mean()),
-        "teacher_tokens_per_chunk": float(teacher_per.mean()),
-        "masked_token_frac": float(student_per[reasons != KEPT].sum() / n_student),
-        "noncanonical_token_frac": sum(a.n_noncanonical for a in alignments) / n_student,
-        "teacher_student_length_ratio": float(teacher_per.sum() / n_student),
-    }
-    for code, name in MASK_REASONS.items():
-        out[f"masked_token_frac/{name}"] = float(student_per[reasons == code].sum() / n_student)
-    return {prefix + key: out[key] for key in keys}
+    if not alignments:
+        return _metrics(np.zeros(0), np.zeros(0), np.zeros(0), 0)
+    return _metrics(
+        np.concatenate([a.student_tokens_per_chunk for a in alignments]),
+        np.concatenate([a.teacher_tokens_per_chunk for a in alignments]),
+        np.concatenate([a.mask_reason for a in alignments]),
+        sum(a.n_noncanonical for a in alignments),
+    )
+
+
+def token_chunk_metrics(
+    chunk: torch.Tensor,
+    reason: torch.Tensor,
+    teacher_n: torch.Tensor,
+    noncanonical: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> dict[str, float]:
+    """:func:`chunk_metrics` from the per-token fields the teacher worker writes back (padded ``(B, T)``).
+
+    ``chunk``: each student token's chunk index (masked chunks too); ``reason``: its chunk's mask
+    reason; ``teacher_n``: the chunk's teacher token count on its last student token, 0 elsewhere;
+    ``noncanonical``: the guard's per-token flag.
+    """
+    mask = response_mask.detach().bool()
+    ids = chunk.detach().long()
+    following = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -1)], dim=1)
+    following_mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
+    last = mask & ((following != ids) | ~following_mask)
+    # A chunk's student count: tokens of the row with its index, read at its last token.
+    width = ids.shape[1] + 1
+    flat = (ids.clamp(min=0) + width * torch.arange(ids.shape[0]).unsqueeze(1))[mask]
+    counts = torch.bincount(flat, minlength=width * ids.shape[0])
+    at_last = (ids.clamp(min=0) + width * torch.arange(ids.shape[0]).unsqueeze(1))[last]
+    return _metrics(
+        counts[at_last].numpy(),
+        teacher_n.detach().long()[last].numpy(),
+        reason.detach().long()[last].numpy(),
+        int(noncanonical.detach().long()[mask].sum()),
+    )

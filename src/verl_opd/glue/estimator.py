@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from verl_opd.core.advantage import advantage_from_rewards
+from verl_opd.core.xtok import advantage_from_chunk_rewards
 
 __all__ = ["ESTIMATOR_NAME", "compute_opd_estimator", "register"]
 
@@ -44,6 +45,7 @@ def compute_opd_estimator(
     discount: float = 0.0,
     sequence_rewards: torch.Tensor | None = None,
     task_reward_coef: float = 0.0,
+    chunk_ids: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """verl advantage estimator for OPD.
@@ -61,6 +63,11 @@ def compute_opd_estimator(
         discount: KL reward-to-go discount in ``[0, 1]`` (0: per-token OPD).
         sequence_rewards: ``(B,)`` task reward per sequence, or None.
         task_reward_coef: weight of the task reward (0: pure OPD).
+        chunk_ids: ``(B, T)`` chunk index per token for a teacher with its own view
+            (``opd.teacher.view=own``), -1 on masked chunks and padding; ``token_level_rewards`` then
+            holds the chunk rewards ``r_c`` on each chunk's last token, the discount counts chunks and
+            every token of a chunk gets its return
+            (:func:`~verl_opd.core.xtok.advantage_from_chunk_rewards`). None: one token per chunk.
         **kwargs: what else verl passes (``reward_baselines``...), unused: OPD has no
             other baseline and no normalisation (spec rule 2).
 
@@ -68,6 +75,10 @@ def compute_opd_estimator(
         ``(advantages, returns)``, equal, float32, 0 outside the mask, detached.
     """
     del config, kwargs  # never config.gamma (spec rule 11)
+    if chunk_ids is not None:
+        return advantage_from_chunk_rewards(
+            token_level_rewards, chunk_ids, response_mask, discount, sequence_rewards, task_reward_coef, index
+        )
     return advantage_from_rewards(
         token_level_rewards, response_mask, discount, sequence_rewards, task_reward_coef, index
     )

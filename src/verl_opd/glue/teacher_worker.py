@@ -16,11 +16,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 from verl.single_controller.base.decorator import Dispatch, register
 from verl.workers.config import FSDPOptimizerConfig, HFModelConfig, MtpConfig
+from tensordict import TensorDict
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorkerConfig
 
+from verl_opd.config.opd_config import CHAT_TEMPLATE_KWARGS_KEY
+from verl_opd.glue.own_view import OwnViewScorer
 from verl_opd.glue.precision import FP32HeadWorker
 
 logger = logging.getLogger(__name__)
@@ -74,7 +79,15 @@ class TeacherWorker(FP32HeadWorker):
     (AdamW allocates its state lazily at the first step, so it costs no memory).
     """
 
-    def __init__(self, config: TrainingWorkerConfig, teacher_path: str, offload: bool):
+    def __init__(
+        self,
+        config: TrainingWorkerConfig,
+        teacher_path: str,
+        offload: bool,
+        own_view: Mapping[str, Any] | None = None,
+    ):
+        # The ref slot's model config is verl's copy of the student's: its tokenizer is the student's.
+        student_tokenizer = config.model_config.tokenizer
         teacher_model = teacher_model_config(config.model_config, teacher_path)
         engine_config = dataclasses.replace(config.engine_config, forward_only=offload)
         # The resident engine builds an optimizer; one that never steps (lr 0, no weight decay).
@@ -91,6 +104,49 @@ class TeacherWorker(FP32HeadWorker):
             engine_config.mixed_precision["param_dtype"],
             offload,
         )
+        self._own_view = None
+        if own_view is not None:
+            self._own_view = _own_view_scorer(student_tokenizer, self.model_config, own_view)
+
+    def infer_batch(self, data: TensorDict) -> TensorDict | None:
+        """verl's forward on the student's tokens, or, with ``opd.teacher.view=own``, on the teacher's own view.
+
+        The own view re-renders each sample for the teacher, runs the same verl forward on that batch
+        and maps the log-probs back onto the student's tokens by byte-aligned chunks
+        (:mod:`verl_opd.glue.own_view`). Ranks that hold no output (tensor/sequence parallel peers,
+        ``is_mp_src_rank_with_outputs``) return None, as verl's own method does.
+        """
+        if self._own_view is None:
+            return super().infer_batch(data)
+        teacher_batch, alignments, flags = self._own_view.to_teacher(data)
+        output = super().infer_batch(teacher_batch)
+        if output is None:
+            return None
+        return self._own_view.to_student(output, teacher_batch, data, alignments, flags)
+
+
+def _own_view_scorer(student_tokenizer: Any, teacher_model: HFModelConfig, own_view: Mapping[str, Any]) -> OwnViewScorer:
+    """The own-view scorer for this worker's teacher; ``own_view`` holds the ``opd.teacher`` view keys."""
+    from verl_opd.teacher_view.render import TeacherView
+
+    view = TeacherView(
+        teacher_model.tokenizer,
+        system_prompt=own_view.get("system_prompt"),
+        context_key=own_view.get("context_key"),
+        hf_model_type=getattr(teacher_model.hf_config, "model_type", None),
+        chat_template_kwargs=own_view.get("chat_template_kwargs") or {},
+    )
+    eos = student_tokenizer.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    max_len = int(getattr(teacher_model.hf_config, "max_position_embeddings", 0) or 0) or 1 << 62
+    logger.warning(
+        "verl-opd: the teacher reads its own view (opd.teacher.view=own): its chat template, its tokenizer, "
+        "end of turn %s%s%s",
+        view.end_of_turn,
+        ", a system prompt only it reads" if view.system_prompt else "",
+        f", context from {view.context_key}" if view.context_key else "",
+    )
+    return OwnViewScorer(student_tokenizer, view, eos_ids, max_len)
 
 
 class OPDWorker(ActorRolloutRefWorker):
@@ -100,7 +156,15 @@ class OPDWorker(ActorRolloutRefWorker):
     def init_model(self) -> None:
         opd = self.config.opd
         self.actor_worker_cls = FP32HeadWorker
+        own_view = None
+        if opd.teacher.view == "own":
+            own_view = {
+                "system_prompt": opd.teacher.system_prompt,
+                "context_key": opd.teacher.context_key,
+                # data.apply_chat_template_kwargs, copied here by the driver (workers get actor_rollout_ref only).
+                "chat_template_kwargs": self.config.get(CHAT_TEMPLATE_KWARGS_KEY),
+            }
         self.ref_worker_cls = functools.partial(
-            TeacherWorker, teacher_path=opd.teacher.model_path, offload=opd.teacher.offload
+            TeacherWorker, teacher_path=opd.teacher.model_path, offload=opd.teacher.offload, own_view=own_view
         )
         super().init_model()

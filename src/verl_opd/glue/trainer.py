@@ -42,6 +42,8 @@ from verl_opd.checks.checkpoint_identity import teacher_identity, write_teacher_
 from verl_opd.config.opd_config import TRAINER_MODE, OPDConfig
 from verl_opd.core.advantage import opd_token_rewards
 from verl_opd.core.metrics import eos_metrics, opd_metrics
+from verl_opd.core.xtok import KEPT, chunk_rewards, token_chunk_metrics
+from verl_opd.glue.own_view import XTOK_FIELDS
 from verl_opd.glue.teacher_worker import OPDWorker
 
 logger = logging.getLogger(__name__)
@@ -85,7 +87,8 @@ class OPDTrainer(PPOTrainerSync):
 
     def _compute_advantage(self, batch, metrics: dict):  # noqa: ANN001 - verl's KVBatchMeta
         """Read the step's tensors from verl's TransferQueue, run :func:`opd_advantage_step`, write back."""
-        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=_FIELDS)
+        fields = _FIELDS + (list(XTOK_FIELDS) if self.opd.teacher.view == "own" else [])
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         nested_mask = data["response_mask"]
         proto = DataProto(batch=data.to_padded_tensor())
         uids = np.array(proto.batch.pop("uid").tolist(), dtype=object)
@@ -155,10 +158,26 @@ def opd_advantage_step(
             output["rollout_is_weights"] = proto.batch["rollout_is_weights"]
     mask = proto.batch["response_mask"]
 
-    kl_rewards = opd_token_rewards(student, teacher, mask, opd.kl_coef)
     # verl's reward loop puts the sequence's score on its last token; the sum is R wherever it sits.
-    scores = tensors["rm_scores"].to(kl_rewards.dtype)
+    scores = tensors["rm_scores"].to(torch.float32)
     estimator = core_algos.get_adv_estimator_fn(algorithm.adv_estimator)
+    chunk_kw: dict[str, torch.Tensor] = {}
+    if "xtok_chunk" in tensors.keys():
+        # opd.teacher.view=own: the teacher scored its own tokenisation; rewards per chunk (core/xtok.py).
+        chunk_ids = _kept_chunk_ids(tensors["xtok_chunk"], tensors["xtok_reason"], sampled_mask, mask)
+        kl_rewards = chunk_rewards(student, tensors["xtok_teacher_lp"], chunk_ids, mask, opd.kl_coef)
+        chunk_kw["chunk_ids"] = chunk_ids
+        metrics.update(
+            token_chunk_metrics(
+                tensors["xtok_chunk"],
+                tensors["xtok_reason"],
+                tensors["xtok_teacher_n"],
+                tensors["xtok_noncanonical"],
+                sampled_mask,
+            )
+        )
+    else:
+        kl_rewards = opd_token_rewards(student, teacher, mask, opd.kl_coef)
     advantages, returns = estimator(
         token_level_rewards=kl_rewards,
         response_mask=mask,
@@ -167,6 +186,7 @@ def opd_advantage_step(
         discount=opd.discount,
         sequence_rewards=scores.sum(dim=-1),
         task_reward_coef=opd.task_reward_coef,
+        **chunk_kw,
     )
     # The metrics' advantages are those of the sampled tokens (rejected ones read 0 there).
     metrics.update(opd_metrics(student, teacher, sampled_mask, advantages, rollout))
@@ -178,3 +198,18 @@ def opd_advantage_step(
         token_level_rewards=kl_rewards + opd.task_reward_coef * scores,
     )
     return output, metrics
+
+
+def _kept_chunk_ids(
+    chunk: torch.Tensor, reason: torch.Tensor, sampled_mask: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Chunk index per token for the advantage: -1 on padding, masked chunks and chunks rollout rejection touched.
+
+    Rejection sampling (``algorithm.rollout_correction.rollout_rs``) folds into ``response_mask``; a chunk
+    with a rejected token loses its whole KL signal rather than being credited through a hole.
+    """
+    ids = chunk.long().clamp(min=0)
+    rejected = (sampled_mask.bool() & ~mask.bool()).long()
+    touched = torch.zeros(ids.shape[0], ids.shape[1] + 1, dtype=torch.long).scatter_add_(1, ids, rejected)
+    keep = mask.bool() & (reason.long() == KEPT) & (touched.gather(1, ids) == 0)
+    return torch.where(keep, ids, torch.full_like(ids, -1))
