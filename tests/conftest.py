@@ -118,6 +118,24 @@ class TrainedPair:
 
 
 @pytest.fixture(scope="session")
+def other_teacher(tiny: TinyAssets) -> Path:
+    """A random Llama teacher of "another family": :func:`~verl_opd.tiny.tokenizer.build_other_tokenizer`'s
+    tokenizer (Llama-3 digit groups, its own chat template and ``<|eot_id|>``), for ``opd.teacher.view=own``."""
+    from verl_opd.tiny.model import build_model
+    from verl_opd.tiny.tokenizer import build_other_tokenizer
+
+    build_other_tokenizer(tiny.root / "other_tokenizer")
+    return build_model(
+        tiny.root / "other_teacher",
+        tiny.root / "other_tokenizer",
+        hidden_size=32,
+        num_layers=1,
+        seed=3,
+        architecture="llama",
+    )
+
+
+@pytest.fixture(scope="session")
 def trained_pair(tiny: TinyAssets) -> TrainedPair:
     """SFT both on the arithmetic task (seconds on CPU) so the teacher has opinions on the student's samples.
 

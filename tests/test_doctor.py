@@ -350,3 +350,26 @@ def test_overrides_are_parsed_by_hydra(tiny, capsys):
     assert code == 0, out
     assert main(["--skip", "plugin", "--student", "s", "bad=[unclosed"]) == 2
     assert "the Hydra overrides do not parse" in capsys.readouterr().out
+
+
+def test_teacher_of_another_family(tiny, other_teacher, capsys):
+    """Refused under view=student with view=own as the fix; ready with opd.teacher.view=own in the overrides."""
+    same_view = {c.name: c for c in check_tokenizers(str(tiny.student), str(other_teacher))}
+    assert same_view["probe texts encode to the same ids"].status == "FAIL"
+    assert "opd.teacher.view=own" in same_view["probe texts encode to the same ids"].detail
+
+    code, out = _run(
+        capsys,
+        "--student",
+        str(tiny.student),
+        "--teacher",
+        str(other_teacher),
+        *_overrides(tiny),
+        "opd.teacher.view=own",
+    )
+    assert code == 0, out
+    for name in ("student tokenizer is byte-level BPE", "teacher byte table round trip", "student eos token"):
+        assert _status(out, "tokenizers", name) == "PASS"
+    assert _status(out, "tokenizers", "teacher chat template") == "PASS"
+    assert "end of turn ['<|eot_id|>']" in out
+    assert _status(out, "config", "verl-opd settings") == "PASS"

@@ -104,8 +104,8 @@ def test_shipped_config_needs_no_extra_keys(tiny):
         (["+opd.temprature=1"], "Unknown opd keys ['opd.temprature']; valid keys: ['opd.allow_teacher_change',"),
         (
             ["+opd.teacher.dtyp=bfloat16"],
-            "Unknown opd keys ['opd.teacher.dtyp']; valid keys: ['opd.teacher.dtype', 'opd.teacher.model_path', "
-            "'opd.teacher.offload']",
+            "Unknown opd keys ['opd.teacher.dtyp']; valid keys: ['opd.teacher.context_key', 'opd.teacher.dtype', "
+            "'opd.teacher.model_path', 'opd.teacher.offload', 'opd.teacher.system_prompt', 'opd.teacher.view']",
         ),
         (["+opd.kl_coef=abc"], "opd.kl_coef='abc' (str) must be a number"),
         (["+opd.discount=null"], "opd.discount=None (NoneType) must be a number"),
@@ -124,6 +124,12 @@ def test_shipped_config_needs_no_extra_keys(tiny):
         ),
         # bf16 logits from verl's torch fused LM head (its default backend)
         (["actor_rollout_ref.model.use_fused_kernels=True"], "fused_kernel_options.impl_backend=torch computes"),
+        # opd.teacher.view (issue 12): checked before any tokenizer loads
+        (["+opd.teacher.view=both"], "opd.teacher.view='both'; use one of ('student', 'own')"),
+        (["+opd.teacher.system_prompt=Hint"], "opd.teacher.system_prompt is read only when the teacher reads its own"),
+        (["+opd.teacher.context_key=extra_info.answer"], "set opd.teacher.view=own, or remove opd.teacher.context_key"),
+        (["+opd.teacher.view=own", "+opd.teacher.context_key=extra_info."], "must be a dotted dataset field such as"),
+        (["+opd.teacher.view=own", "+opd.teacher.system_prompt=3"], "opd.teacher.system_prompt=3 (int) must be a"),
     ],
 )
 def test_conflicting_settings_are_refused(tiny, extra, expected):
@@ -274,3 +280,41 @@ def test_relative_teacher_path_reaches_the_trainer_absolute(tiny, monkeypatch):
     assert config.opd.teacher.model_path == tiny.teacher.name  # the user's node is left as given
     seen_by_trainer = OPDConfig.from_config(config.actor_rollout_ref)
     assert seen_by_trainer.teacher.model_path == str(tiny.teacher)
+
+
+def test_teacher_of_another_family_needs_its_own_view(tiny, other_teacher):
+    """view=student refuses a teacher with another tokenizer, naming view=own; view=own accepts it."""
+    with pytest.raises(TokenizerMismatchError, match=r"or set opd.teacher.view=own \(the teacher reads"):
+        apply_opd_settings(_compose(_opd(tiny, teacher=other_teacher)))
+    config = _compose(
+        _opd(
+            tiny,
+            "+opd.teacher.view=own",
+            "+opd.teacher.system_prompt='Grade strictly.'",
+            "+opd.teacher.context_key=extra_info.answer",
+            teacher=other_teacher,
+        )
+    )
+    apply_opd_settings(config)
+    seen_by_workers = OPDConfig.from_config(config.actor_rollout_ref).teacher
+    assert (seen_by_workers.view, seen_by_workers.system_prompt) == ("own", "Grade strictly.")
+    assert seen_by_workers.context_key == "extra_info.answer"
+
+
+def test_own_view_refuses_a_tokenizer_that_is_not_byte_level(tiny, tmp_path):
+    """A SentencePiece-style (Metaspace) teacher: refused before any model loads, naming why and the fix."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from verl_opd.tiny.model import build_model
+
+    tok = Tokenizer(models.BPE(vocab={"<unk>": 0, "</s>": 1, "▁a": 2, "b": 3}, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="</s>")
+    teacher = build_model(tmp_path / "sp_teacher", tokenizer, hidden_size=16, num_layers=1, architecture="llama")
+    with pytest.raises(TokenizerMismatchError) as error:
+        apply_opd_settings(_compose(_opd(tiny, "+opd.teacher.view=own", teacher=teacher)))
+    message = str(error.value)
+    assert "- teacher tokenizer is byte-level BPE: its pre-tokenizer (['Metaspace']) has no ByteLevel step" in message
+    assert "student tokenizer is byte-level BPE" not in message  # the student's is
+    assert "with opd.teacher.view=student" in message

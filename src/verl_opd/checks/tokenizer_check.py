@@ -5,6 +5,9 @@ text to different ids, use different special tokens or render chats differently,
 the teacher scores tokens it never meant, and training silently optimises a
 biased target. These checks load only the tokenizers (seconds, no GPU) and
 compare ids, not just vocabulary sizes.
+
+With ``opd.teacher.view=own`` the tokenizers may differ; :func:`own_view_checks` instead checks what
+aligning them on bytes needs (both byte-level BPE, exact byte tables, a findable teacher end of turn).
 """
 
 from __future__ import annotations
@@ -59,6 +62,74 @@ def _model_vocab_size(path: str) -> int | None:
         return None
     with open(config_file) as f:
         return json.load(f).get("vocab_size")
+
+
+def own_view_checks(student_path: str, teacher_path: str) -> list[TokenizerCheck]:
+    """What ``opd.teacher.view=own`` needs of the pair; never raises for a failure (see
+    :func:`assert_own_view_supported`)."""
+    from verl_opd.teacher_view.byte_tables import byte_level_problems, round_trip_problems
+    from verl_opd.teacher_view.render import TeacherView, model_type, teacher_end_of_turn
+
+    student, teacher = _load(student_path), _load(teacher_path)
+    checks: list[TokenizerCheck] = []
+    for role, tokenizer in (("student", student), ("teacher", teacher)):
+        problems = byte_level_problems(tokenizer)
+        checks.append(
+            TokenizerCheck(
+                f"{role} tokenizer is byte-level BPE",
+                not problems,
+                "token ids map to exact bytes" if not problems else "; ".join(problems),
+            )
+        )
+        if problems:
+            continue
+        mismatches = round_trip_problems(tokenizer, PROBE_TEXTS)
+        checks.append(
+            TokenizerCheck(
+                f"{role} byte table round trip",
+                not mismatches,
+                f"{len(PROBE_TEXTS)} probe texts and invalid UTF-8 spelled exactly"
+                if not mismatches
+                else "; ".join(mismatches),
+            )
+        )
+    checks.append(
+        TokenizerCheck(
+            "student eos token",
+            student.eos_token_id is not None,
+            f"{student.eos_token!r} pairs with the teacher's end of turn"
+            if student.eos_token_id is not None
+            else "the student tokenizer has no eos token: the end of its responses cannot be paired",
+        )
+    )
+    try:
+        end_of_turn = teacher_end_of_turn(teacher)
+        prompt = TeacherView(teacher, hf_model_type=model_type(teacher_path)).prompt_ids(list(PROBE_CHAT[:2]))
+    except ValueError as exc:
+        checks.append(TokenizerCheck("teacher chat template", False, str(exc)))
+    else:
+        checks.append(
+            TokenizerCheck(
+                "teacher chat template",
+                True,
+                f"end of turn {teacher.convert_ids_to_tokens(end_of_turn)}; the probe prompt renders as "
+                f"{teacher.decode(prompt)!r}",
+            )
+        )
+    return checks
+
+
+def assert_own_view_supported(student_path: str, teacher_path: str) -> None:
+    """Raise :class:`TokenizerMismatchError` naming every ``opd.teacher.view=own`` requirement the pair fails."""
+    failed = [c for c in own_view_checks(student_path, teacher_path) if not c.passed]
+    if failed:
+        lines = "\n".join(f"  - {c.name}: {c.detail}" for c in failed)
+        raise TokenizerMismatchError(
+            f"opd.teacher.view=own cannot align the teacher ({teacher_path}) with the student ({student_path}):\n"
+            f"{lines}\nIt aligns both tokenizations on the bytes of the text, which needs byte-level BPE tokenizers "
+            "(Qwen, Llama-3, DeepSeek-V3). Fix: use a teacher that shares the student's tokenizer, with "
+            "opd.teacher.view=student."
+        )
 
 
 def compare_tokenizers(student_path: str, teacher_path: str) -> list[TokenizerCheck]:
@@ -141,6 +212,8 @@ def assert_compatible_tokenizers(student_path: str, teacher_path: str) -> None:
         lines = "\n".join(f"  - {c.name}: {c.detail}" for c in failed)
         raise TokenizerMismatchError(
             f"Teacher tokenizer ({teacher_path}) is not compatible with the student's ({student_path}):\n{lines}\n"
-            "OPD scores the student's token ids with the teacher, so both must share one tokenizer and chat template. "
-            "Use a teacher from the same model family, or (at your own risk) opd.check_tokenizers=False."
+            "With opd.teacher.view=student the teacher scores the student's token ids, so both must share one "
+            "tokenizer and chat template. Use a teacher from the same model family, or set opd.teacher.view=own (the "
+            "teacher reads the conversation in its own chat template and tokenizer), or (at your own risk) "
+            "opd.check_tokenizers=False."
         )

@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 
 TRAINER_MODE = "opd"
 TEACHER_DTYPES = ("float32", "bfloat16")
+# opd.teacher.view: "student" scores the student's own token ids (one tokenizer, one chat template); "own" lets
+# the teacher read the conversation in its own chat template and tokenizer (verl_opd.teacher_view).
+VIEW_STUDENT, VIEW_OWN = "student", "own"
+TEACHER_VIEWS = (VIEW_STUDENT, VIEW_OWN)
 _PRECISION_NAMES = {"float32": "fp32", "bfloat16": "bf16"}
 # opd.precision: "auto" resolves to "fp32" with trainer.device=cpu, else "bf16" (see resolve_precision).
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -52,11 +56,20 @@ class TeacherConfig:
     ``offload=False`` keeps the teacher's weights resident on the accelerator (fast,
     costs its memory); ``True`` is verl's reference-model behaviour: weights live in
     pinned host memory and stream to the GPU at every forward (slow, saves memory).
+
+    ``view`` is what the teacher reads: ``student`` (the student's token ids, so both must share one
+    tokenizer and chat template) or ``own`` (the conversation in the teacher's own chat template and
+    tokenizer, its log-probs mapped back onto the student's tokens on bytes). With ``own`` only,
+    ``system_prompt`` is a system message only the teacher reads, and ``context_key`` a dotted dataset
+    field (``extra_info.solution``) whose text only the teacher reads (:mod:`verl_opd.teacher_view.render`).
     """
 
     model_path: str | None = None
     dtype: str = "float32"
     offload: bool = False
+    view: str = VIEW_STUDENT
+    system_prompt: str | None = None
+    context_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +114,7 @@ class OPDConfig:
                 f"opd.teacher.dtype={self.teacher.dtype!r}; use one of {TEACHER_DTYPES}. It sets how the teacher's "
                 "weights are stored; what both models compute in is opd.precision (auto, fp32 or bf16)."
             )
+        self._validate_view()
         if self.precision not in PRECISIONS:
             raise OPDConfigError(
                 f"opd.precision={self.precision!r}; use one of {PRECISIONS} (auto: fp32 with trainer.device=cpu, "
@@ -115,6 +129,26 @@ class OPDConfig:
         if not (math.isfinite(self.sampler_poll_s) and self.sampler_poll_s > 0):
             raise OPDConfigError(
                 f"opd.sampler_poll_s={self.sampler_poll_s} must be a finite number of seconds > 0 (default 0.2)."
+            )
+
+    def _validate_view(self) -> None:
+        """``opd.teacher.view`` and the keys only ``view=own`` reads (no tokenizer loaded yet)."""
+        teacher = self.teacher
+        if teacher.view not in TEACHER_VIEWS:
+            raise OPDConfigError(
+                f"opd.teacher.view={teacher.view!r}; use one of {TEACHER_VIEWS} (student: the teacher scores the "
+                "student's token ids; own: it reads the conversation in its own chat template and tokenizer)."
+            )
+        for key in ("system_prompt", "context_key"):
+            if teacher.view == VIEW_STUDENT and getattr(teacher, key) is not None:
+                raise OPDConfigError(
+                    f"opd.teacher.{key} is read only when the teacher reads its own view of the conversation: "
+                    f"set opd.teacher.view={VIEW_OWN}, or remove opd.teacher.{key}."
+                )
+        key = teacher.context_key
+        if key is not None and not all(part.strip() for part in key.split(".")):
+            raise OPDConfigError(
+                f"opd.teacher.context_key={key!r} must be a dotted dataset field such as extra_info.solution."
             )
 
 
@@ -314,7 +348,7 @@ def apply_opd_settings(config: DictConfig) -> list[str]:
     from verl_opd.checks.checkpoint_identity import check_resume_teacher
     from verl_opd.checks.inputs import TEACHER_KEY, check_model_weights
     from verl_opd.checks.teacher_fit import check_teacher_fits
-    from verl_opd.checks.tokenizer_check import assert_compatible_tokenizers
+    from verl_opd.checks.tokenizer_check import assert_compatible_tokenizers, assert_own_view_supported
 
     _take_legacy_teacher_key(config)
     opd = OPDConfig.from_config(config)
@@ -326,7 +360,9 @@ def apply_opd_settings(config: DictConfig) -> list[str]:
     _refuse_precision_conflicts(config, precision)
     check_teacher_fits(config, opd.teacher.model_path)
     _warn_biased_sampling(config)
-    if opd.check_tokenizers:
+    if opd.teacher.view == VIEW_OWN:  # its requirements are not optional: opd.check_tokenizers is for view=student
+        assert_own_view_supported(config.actor_rollout_ref.model.path, opd.teacher.model_path)
+    elif opd.check_tokenizers:
         assert_compatible_tokenizers(config.actor_rollout_ref.model.path, opd.teacher.model_path)
     check_resume_teacher(config, opd)
 

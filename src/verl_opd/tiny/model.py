@@ -1,8 +1,12 @@
-"""A tiny, seeded, randomly initialised Qwen2 causal LM saved next to its tokenizer.
+"""A tiny, seeded, randomly initialised Qwen2 (or Llama) causal LM saved next to its tokenizer.
 
 verl loads the actor, rollout and reference models from one ``model.path``; saving the weights and the
 tokenizer in the same directory makes that single path sufficient, offline. Qwen2 is used because it is
-an architecture verl supports natively (FSDP wrapping, log-prob computation, HF rollout).
+an architecture verl supports natively (FSDP wrapping, log-prob computation, HF rollout). Llama is for a
+teacher with :func:`verl_opd.tiny.tokenizer.build_other_tokenizer`'s tokenizer: in a ``qwen2`` directory
+transformers would load any tokenizer as ``Qwen2Tokenizer``, which rebuilds Qwen2's split regex
+(transformers/models/auto/tokenization_auto.py, ``MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS``), whereas a
+``llama`` directory loads ``tokenizer.json`` as saved.
 """
 
 from __future__ import annotations
@@ -10,9 +14,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from verl_opd.tiny.tokenizer import copy_tokenizer
+
+# ``architecture`` of build_model: its config and causal-LM classes (both take the same arguments here).
+ARCHITECTURES = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
 
 
 def build_model(
@@ -26,8 +40,12 @@ def build_model(
     seed: int = 0,
     max_position_embeddings: int = 8192,
     initializer_range: float = 0.02,
+    architecture: str = "qwen2",
 ) -> Path:
-    """Build a seeded random ``Qwen2ForCausalLM``, save it with ``tokenizer`` in ``out_dir`` and return the path.
+    """Build a seeded random causal LM, save it with ``tokenizer`` in ``out_dir`` and return the path.
+
+    ``architecture`` is ``qwen2`` (``Qwen2ForCausalLM``) or ``llama`` (``LlamaForCausalLM``, for a tokenizer
+    that is not Qwen2's: see the module docstring).
 
     ``intermediate_size`` defaults to ``2 * hidden_size`` (hidden 64, 2 layers, vocab 512: about 107k
     parameters). A larger ``initializer_range`` gives a random model with sharper, more opinionated
@@ -37,10 +55,13 @@ def build_model(
     ``max_position_embeddings`` costs nothing (RoPE is computed per forward); its default covers the
     example configs' prompt + response (1024 + 4096), which verl-opd checks against the teacher's context.
     """
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture={architecture!r}; use one of {sorted(ARCHITECTURES)}")
+    config_cls, model_cls = ARCHITECTURES[architecture]
     tokenizer_dir = None if isinstance(tokenizer, PreTrainedTokenizerBase) else Path(tokenizer)
     if tokenizer_dir is not None:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = Qwen2Config(
+    config = config_cls(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size or 2 * hidden_size,
@@ -56,7 +77,7 @@ def build_model(
         initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    model = model_cls(config)
     out = Path(out_dir)
     model.save_pretrained(str(out))
     if tokenizer_dir is None:

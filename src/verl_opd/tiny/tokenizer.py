@@ -11,16 +11,22 @@ instantiates ``Qwen2Tokenizer``, which rebuilds that pipeline from the vocab and
 in ``tokenizer.json``. Qwen2's split regex already isolates every digit, which is what a
 ``Digits(individual_digits=True)`` pre-tokenizer would do, so the tokenizer behaves identically whether it
 is loaded from its own directory or from a model directory.
+
+:func:`build_other_tokenizer` trains a teacher tokenizer of "another family" (``opd.teacher.view=own``):
+Llama-3's split regex (digits in groups of up to three), other special tokens, a Llama-3-style chat template
+with a default system prompt, another seed and vocabulary size. transformers rebuilds a qwen2 model
+directory's tokenizer with Qwen2's regex, so models using it must be built with
+``build_model(..., architecture="llama")`` (see :mod:`verl_opd.tiny.model`).
 """
 
 from __future__ import annotations
 
 import random
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
@@ -39,6 +45,34 @@ CHAT_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Llama-3's pre-tokenizer regex: Qwen2's, except that digits go in groups of up to three.
+LLAMA3_PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+BEGIN_OF_TEXT = "<|begin_of_text|>"
+END_OF_TEXT = "<|end_of_text|>"
+START_HEADER = "<|start_header_id|>"
+END_HEADER = "<|end_header_id|>"
+EOT = "<|eot_id|>"
+OTHER_SPECIAL_TOKENS = [BEGIN_OF_TEXT, END_OF_TEXT, START_HEADER, END_HEADER, EOT]
+OTHER_DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+# Llama-3-style: a bos token, a system turn that is always there (the default one unless the conversation starts
+# with a system message), and ``<|eot_id|>`` ending every turn.
+OTHER_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set system_message = messages[0]['content'] %}{% set loop_messages = messages[1:] %}"
+    "{% else %}"
+    "{% set system_message = '" + OTHER_DEFAULT_SYSTEM_PROMPT + "' %}{% set loop_messages = messages %}"
+    "{% endif %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\\n\\n' + system_message + '<|eot_id|>' }}"
+    "{% for message in loop_messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
 
 # Generic English so that the vocabulary is not only arithmetic (verl's logs and prompts contain prose).
@@ -64,17 +98,50 @@ _ENGLISH = [
 ]
 
 
-def _corpus(seed: int, n_arithmetic: int = 3000, n_english: int = 1000) -> Iterator[str]:
-    """Yield the deterministic training text: ChatML-formatted arithmetic dialogues plus shuffled English."""
+def _chatml_dialogue(user: str, assistant: str) -> str:
+    return f"{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n{assistant}{IM_END}\n"
+
+
+def _llama3_dialogue(user: str, assistant: str) -> str:
+    return "".join(
+        f"{START_HEADER}{role}{END_HEADER}\n\n{content}{EOT}"
+        for role, content in (("system", OTHER_DEFAULT_SYSTEM_PROMPT), ("user", user), ("assistant", assistant))
+    )
+
+
+def _corpus(
+    seed: int, dialogue: Callable[[str, str], str], n_arithmetic: int = 3000, n_english: int = 1000
+) -> Iterator[str]:
+    """Yield the deterministic training text: arithmetic dialogues in a chat format plus shuffled English."""
     rng = random.Random(seed)
     for i in range(n_arithmetic):
         question, answer = make_problem(rng, digits=1 + i % 3)
-        yield (
-            f"{IM_START}user\n{prompt_text(question)}{IM_END}\n"
-            f"{IM_START}assistant\n{solution_text(question, answer)}{IM_END}\n"
-        )
+        yield dialogue(prompt_text(question), solution_text(question, answer))
     for _ in range(n_english):
         yield " ".join(rng.sample(_ENGLISH, k=3))
+
+
+def _train_byte_level_bpe(
+    split_regex: str, special_tokens: list[str], corpus: Iterator[str], vocab_size: int
+) -> Tokenizer:
+    """A byte-level BPE (every byte a token: any text, even invalid UTF-8, has an encoding) trained on ``corpus``."""
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split_regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return tok
 
 
 def build_tokenizer(
@@ -87,23 +154,7 @@ def build_tokenizer(
     ``pad_is_eos=True`` makes the pad token the EOS token, as many released tokenizers do: the case
     where a mask built from token ids would drop the sampled EOS (spec rule 4).
     """
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(seed), trainer=trainer)
-
+    tok = _train_byte_level_bpe(PRETOKENIZE_REGEX, SPECIAL_TOKENS, _corpus(seed, _chatml_dialogue), vocab_size)
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=IM_END,
@@ -113,6 +164,33 @@ def build_tokenizer(
         model_max_length=512,
     )
     hf_tok.chat_template = CHAT_TEMPLATE
+    hf_tok.save_pretrained(str(out_dir))
+    return hf_tok
+
+
+def build_other_tokenizer(out_dir: str | Path, vocab_size: int = 400, seed: int = 1) -> PreTrainedTokenizerFast:
+    """Train a teacher tokenizer of another family than :func:`build_tokenizer`'s, save it and return it.
+
+    Like Llama-3: digits split in groups of up to three, ``<|begin_of_text|>`` prepended by ``encode`` (a
+    post-processor) and by the chat template, ``<|eot_id|>`` ending every turn (and the eos token), and a
+    default system prompt. Other merges too (another seed, vocabulary size and corpus format), so the same
+    text tokenizes differently from the student's: what ``opd.teacher.view=own`` has to align.
+    """
+    tok = _train_byte_level_bpe(
+        LLAMA3_PRETOKENIZE_REGEX, OTHER_SPECIAL_TOKENS, _corpus(seed, _llama3_dialogue), vocab_size
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BEGIN_OF_TEXT} $A", special_tokens=[(BEGIN_OF_TEXT, tok.token_to_id(BEGIN_OF_TEXT))]
+    )
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BEGIN_OF_TEXT,
+        eos_token=EOT,
+        pad_token=END_OF_TEXT,
+        additional_special_tokens=[START_HEADER, END_HEADER],
+        model_max_length=512,
+    )
+    hf_tok.chat_template = OTHER_CHAT_TEMPLATE
     hf_tok.save_pretrained(str(out_dir))
     return hf_tok
 

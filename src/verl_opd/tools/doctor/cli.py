@@ -7,12 +7,17 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from verl_opd.checks import overrides as hydra_overrides
 from verl_opd.checks.inputs import STUDENT_KEY, TEACHER_KEY
+from verl_opd.config.opd_config import VIEW_STUDENT
 from verl_opd.tools.doctor.config import DEFAULT_CONFIG_NAME, check_config
 from verl_opd.tools.doctor.report import FAIL, PASS, SECTIONS, SKIP, SUMMARY, WARN, Check
 from verl_opd.tools.doctor.selftest import run_selftest
 from verl_opd.tools.doctor.tokenizers import check_tokenizers
 from verl_opd.tools.doctor.versions import check_plugin, check_versions
+
+# Which tokenizer checks apply (opd.teacher.view=own: two tokenizers aligned on bytes).
+VIEW_KEY = "opd.teacher.view"
 
 
 def add_doctor_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,8 +50,6 @@ def add_doctor_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _model_paths(args: argparse.Namespace) -> tuple[str | None, str | None, list[str], list[Check]]:
     """Student and teacher from the flags, else from the overrides; flags replace such overrides."""
-    from verl_opd.checks import overrides as hydra_overrides
-
     overrides, notes = list(args.overrides), []
     paths = {}
     for flag, key in (("student", STUDENT_KEY), ("teacher", TEACHER_KEY)):
@@ -72,6 +75,7 @@ def run_doctor(args: argparse.Namespace, out: Callable[[str], None] | None = Non
     except Exception as exc:  # noqa: BLE001 - Hydra's OverrideParseException names the bad override
         out(f"FAIL  [doctor] the Hydra overrides do not parse: {exc}")
         return 2
+    view = hydra_overrides.value(overrides, VIEW_KEY) or VIEW_STUDENT
     skip = set(args.skip)
     have_models = student is not None or teacher is not None
     if not have_models and not args.selftest:
@@ -93,7 +97,7 @@ def run_doctor(args: argparse.Namespace, out: Callable[[str], None] | None = Non
     sections: list[tuple[str, Callable[[], list[Check]]]] = [
         ("versions", check_versions),
         ("plugin", check_plugin),
-        ("tokenizers", lambda: check_tokenizers(student, teacher)),
+        ("tokenizers", lambda: check_tokenizers(student, teacher, view)),
         ("config", lambda: notes + check_config(overrides, args.config_name, student=student, teacher=teacher)),
         ("selftest", run_selftest),
     ]
