@@ -27,6 +27,9 @@ TEACHER_DTYPES = ("float32", "bfloat16")
 # the teacher read the conversation in its own chat template and tokenizer (verl_opd.teacher_view).
 VIEW_STUDENT, VIEW_OWN = "student", "own"
 TEACHER_VIEWS = (VIEW_STUDENT, VIEW_OWN)
+# Where the driver copies data.apply_chat_template_kwargs for the workers (they receive actor_rollout_ref
+# only): the teacher's own view renders its prompt with the same kwargs verl rendered the student's with.
+CHAT_TEMPLATE_KWARGS_KEY = "opd_chat_template_kwargs"
 _PRECISION_NAMES = {"float32": "fp32", "bfloat16": "bf16"}
 # opd.precision: "auto" resolves to "fp32" with trainer.device=cpu, else "bf16" (see resolve_precision).
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -380,5 +383,8 @@ def apply_opd_settings(config: DictConfig) -> list[str]:
         teacher = dataclasses.replace(opd.teacher, model_path=os.path.abspath(opd.teacher.model_path))
         resolved = dataclasses.replace(opd, teacher=teacher, precision=precision)
         config.actor_rollout_ref.opd = OmegaConf.structured(resolved)
+        if opd.teacher.view == VIEW_OWN:
+            kwargs = OmegaConf.select(config, "data.apply_chat_template_kwargs", default=None)
+            config.actor_rollout_ref[CHAT_TEMPLATE_KWARGS_KEY] = kwargs if kwargs is not None else {}
     logger.warning("verl-opd: algorithm.adv_estimator=opd applied: %s", ", ".join(changes) or "nothing to change")
     return changes

@@ -29,6 +29,7 @@ maps offsets through that replacement and masks the chunks it touches.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -48,6 +49,8 @@ __all__ = [
     "TRUNCATED",
     "SPECIAL",
     "INVALID_UTF8",
+    "PROMPT_CUT",
+    "mask_sample",
     "MASK_REASONS",
     "ChunkAlignment",
     "response_text",
@@ -67,11 +70,15 @@ NONCANONICAL = 1  # holds a student token its own tokenizer would not produce fo
 TRUNCATED = 2  # last chunk of a response cut by the length limit: the teacher's tokens assert an ending
 SPECIAL = 3  # holds an added/special student token (<think>, tool tags): its text means something else
 INVALID_UTF8 = 4  # touches bytes that are not valid UTF-8: the teacher read U+FFFD there, not these bytes
+# The whole sample: the student read a prompt cut by the rollout's prompt length, the teacher the whole
+# conversation, so no chunk is scored in the same context (set by :func:`mask_sample`).
+PROMPT_CUT = 5
 MASK_REASONS: dict[int, str] = {
     NONCANONICAL: "noncanonical",
     TRUNCATED: "truncated",
     SPECIAL: "special",
     INVALID_UTF8: "invalid_utf8",
+    PROMPT_CUT: "prompt_cut",
 }
 
 _REPLACEMENT_LEN = len("\ufffd".encode())  # 3 bytes: EF BF BD
@@ -329,6 +336,13 @@ def align_chunks(
         mask_reason=reason,
         n_noncanonical=int(noncanon.sum()),
     )
+
+
+def mask_sample(alignment: ChunkAlignment, reason: int) -> ChunkAlignment:
+    """``alignment`` with every chunk masked for ``reason`` (a sample-level problem such as :data:`PROMPT_CUT`)."""
+    if reason not in MASK_REASONS:
+        raise ValueError(f"unknown mask reason {reason}; use one of {sorted(MASK_REASONS)}")
+    return dataclasses.replace(alignment, mask_reason=np.full(alignment.n_chunks, reason, dtype=np.int8))
 
 
 def noncanonical_tokens(

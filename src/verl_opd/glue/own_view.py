@@ -24,6 +24,7 @@ TransferQueue free of a second geometry (design note, section 3).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,9 +33,18 @@ import torch
 from tensordict import NonTensorData, TensorDict
 from verl.workers.utils.padding import response_from_nested
 
-from verl_opd.core.xtok import ChunkAlignment, align_chunks, noncanonical_tokens, response_text
+from verl_opd.core.xtok import (
+    PROMPT_CUT,
+    ChunkAlignment,
+    align_chunks,
+    mask_sample,
+    noncanonical_tokens,
+    response_text,
+)
 from verl_opd.teacher_view.byte_tables import added_token_ids, byte_table, canonical_ids
 from verl_opd.teacher_view.render import TeacherView
+
+logger = logging.getLogger(__name__)
 
 # Fields written back in the student's geometry (response tokens), read by the trainer's advantage step.
 XTOK_FIELDS = ("xtok_chunk", "xtok_reason", "xtok_teacher_lp", "xtok_teacher_n", "xtok_noncanonical")
@@ -52,14 +62,23 @@ class OwnViewScorer:
     """Re-renders a batch for the teacher and maps the teacher's log-probs back onto the student's tokens."""
 
     def __init__(
-        self, student_tokenizer: Any, view: TeacherView, eos_token_ids: Sequence[int], teacher_max_len: int
+        self,
+        student_tokenizer: Any,
+        student_view: TeacherView,
+        view: TeacherView,
+        eos_token_ids: Sequence[int],
+        teacher_max_len: int,
     ) -> None:
         self.student_tokenizer = student_tokenizer
+        # The student's own rendering of a conversation: a prompt verl gave the student that differs from it
+        # was cut by the rollout's prompt length (actor_rollout_ref.rollout.prompt_length).
+        self.student_view = student_view
         self.student_table = byte_table(student_tokenizer)
         self.student_added = np.array(sorted(added_token_ids(student_tokenizer)), dtype=np.int64)
         self.eos_ids = frozenset(int(i) for i in eos_token_ids)
         self.view = view
         self.teacher_max_len = teacher_max_len
+        self._shown = False
 
     def _context_fields(self, data: TensorDict, index: int) -> dict[str, Any]:
         """Sample ``index``'s dataset fields (for ``opd.teacher.context_key``), by their top-level names."""
@@ -99,7 +118,8 @@ class OwnViewScorer:
         teacher_responses = self.view.response_ids([text.encode("utf-8") for text in texts], ended)
 
         alignments, flags, prompt_rows, response_rows = [], [], [], []
-        for index, (ids, text, end, teacher_ids) in enumerate(zip(text_ids, texts, ended, teacher_responses)):
+        rows = zip(text_ids, texts, ended, teacher_responses, strict=True)
+        for index, (ids, text, end, teacher_ids) in enumerate(rows):
             prompt = self.view.prompt_ids(raw_prompts[index], self._context_fields(data, index))
             if len(prompt) + len(teacher_ids) > self.teacher_max_len:
                 raise ValueError(
@@ -124,6 +144,16 @@ class OwnViewScorer:
                 )
             )
             flags.append(np.append(noncanonical, False) if end else noncanonical)
+            student_prompt = data["prompts"][index].tolist()
+            if student_prompt != self.student_view.prompt_ids(raw_prompts[index]):
+                alignments[-1] = mask_sample(alignments[-1], PROMPT_CUT)
+            if not self._shown:
+                self._shown = True
+                logger.warning(
+                    "verl-opd: opd.teacher.view=own, first sample: the student read %r, the teacher reads %r",
+                    self.student_tokenizer.decode(student_prompt),
+                    self.view.tokenizer.decode(prompt),
+                )
             prompt_rows.append(torch.tensor(prompt, dtype=torch.long))
             response_rows.append(torch.tensor(teacher_ids, dtype=torch.long))
 
@@ -173,7 +203,9 @@ class OwnViewScorer:
             is_last = np.append(alignment.student_chunk[1:] != alignment.student_chunk[:-1], True)
             teacher_n[is_last] = alignment.teacher_tokens_per_chunk[alignment.student_chunk[is_last]]
             fields["xtok_chunk"].append(torch.from_numpy(alignment.student_chunk.copy()))
-            fields["xtok_reason"].append(torch.from_numpy(alignment.mask_reason[alignment.student_chunk].astype(np.int64)))
+            fields["xtok_reason"].append(
+                torch.from_numpy(alignment.mask_reason[alignment.student_chunk].astype(np.int64))
+            )
             fields["xtok_teacher_lp"].append(torch.from_numpy(on_last).float())
             fields["xtok_teacher_n"].append(torch.from_numpy(teacher_n))
             fields["xtok_noncanonical"].append(torch.from_numpy(flag.astype(np.int64)))

@@ -19,9 +19,9 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from tensordict import TensorDict
 from verl.single_controller.base.decorator import Dispatch, register
 from verl.workers.config import FSDPOptimizerConfig, HFModelConfig, MtpConfig
-from tensordict import TensorDict
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorkerConfig
 
 from verl_opd.config.opd_config import CHAT_TEMPLATE_KWARGS_KEY
@@ -86,8 +86,8 @@ class TeacherWorker(FP32HeadWorker):
         offload: bool,
         own_view: Mapping[str, Any] | None = None,
     ):
-        # The ref slot's model config is verl's copy of the student's: its tokenizer is the student's.
-        student_tokenizer = config.model_config.tokenizer
+        # The ref slot's model config is verl's copy of the student's (its tokenizer, its model type).
+        student_model = config.model_config
         teacher_model = teacher_model_config(config.model_config, teacher_path)
         engine_config = dataclasses.replace(config.engine_config, forward_only=offload)
         # The resident engine builds an optimizer; one that never steps (lr 0, no weight decay).
@@ -106,7 +106,7 @@ class TeacherWorker(FP32HeadWorker):
         )
         self._own_view = None
         if own_view is not None:
-            self._own_view = _own_view_scorer(student_tokenizer, self.model_config, own_view)
+            self._own_view = _own_view_scorer(student_model, self.model_config, own_view)
 
     def infer_batch(self, data: TensorDict) -> TensorDict | None:
         """verl's forward on the student's tokens, or, with ``opd.teacher.view=own``, on the teacher's own view.
@@ -125,16 +125,25 @@ class TeacherWorker(FP32HeadWorker):
         return self._own_view.to_student(output, teacher_batch, data, alignments, flags)
 
 
-def _own_view_scorer(student_tokenizer: Any, teacher_model: HFModelConfig, own_view: Mapping[str, Any]) -> OwnViewScorer:
+def _own_view_scorer(
+    student_model: HFModelConfig, teacher_model: HFModelConfig, own_view: Mapping[str, Any]
+) -> OwnViewScorer:
     """The own-view scorer for this worker's teacher; ``own_view`` holds the ``opd.teacher`` view keys."""
+    student_tokenizer = student_model.tokenizer
     from verl_opd.teacher_view.render import TeacherView
 
+    chat_template_kwargs = own_view.get("chat_template_kwargs") or {}
     view = TeacherView(
         teacher_model.tokenizer,
         system_prompt=own_view.get("system_prompt"),
         context_key=own_view.get("context_key"),
         hf_model_type=getattr(teacher_model.hf_config, "model_type", None),
-        chat_template_kwargs=own_view.get("chat_template_kwargs") or {},
+        chat_template_kwargs=chat_template_kwargs,
+    )
+    student_view = TeacherView(
+        student_tokenizer,
+        hf_model_type=getattr(student_model.hf_config, "model_type", None),
+        chat_template_kwargs=chat_template_kwargs,
     )
     eos = student_tokenizer.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
@@ -146,7 +155,7 @@ def _own_view_scorer(student_tokenizer: Any, teacher_model: HFModelConfig, own_v
         ", a system prompt only it reads" if view.system_prompt else "",
         f", context from {view.context_key}" if view.context_key else "",
     )
-    return OwnViewScorer(student_tokenizer, view, eos_ids, max_len)
+    return OwnViewScorer(student_tokenizer, student_view, view, eos_ids, max_len)
 
 
 class OPDWorker(ActorRolloutRefWorker):
