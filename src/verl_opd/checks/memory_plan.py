@@ -319,10 +319,6 @@ class MemoryPlan:
     max_gpu_memory_utilization: float
     notes: tuple[str, ...] = field(default=())
 
-    @property
-    def peak(self) -> Phase:
-        return max(self.phases, key=lambda phase: phase.total)
-
     def phase(self, name: str) -> Phase:
         return next(p for p in self.phases if p.name == name)
 
