@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from verl_opd.cpu.platform import PlatformCPU
-from verl_opd.cpu.rollout import HFGenerateServer, prompt_logprobs
+from verl_opd.cpu.rollout import HFGenerateServer, cuda_device, prompt_logprobs
 from verl_opd.cpu.settings import CPU_ENV, apply_cpu_settings
 from verl_opd.glue.patches import dedup_backend
 
@@ -142,3 +142,18 @@ def test_hf_server_loads_trained_weights_and_rejects_unknown_ones(tiny):
     assert server.served_weights_checksum() != before and server.global_steps == 3
     with pytest.raises(KeyError, match="does not have"):
         asyncio.run(server.update_weights({"not.a.weight": torch.zeros(1)}))
+
+
+def test_hf_server_serves_on_cpu_in_fp32_without_a_gpu_id(server):
+    assert server.device == torch.device("cpu")
+    assert {p.dtype for p in server.model.parameters()} == {torch.float32}
+
+
+def test_cuda_device_maps_rays_gpu_id_to_this_process_index(monkeypatch):
+    """Ray's GPU id is the node's CUDA_VISIBLE_DEVICES entry; torch numbers the visible devices from 0."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert cuda_device("5") == torch.device("cuda", 1) and cuda_device("3") == torch.device("cuda", 0)
+    with pytest.raises(RuntimeError, match="not in this process's CUDA_VISIBLE_DEVICES=3,5"):
+        cuda_device("0")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert cuda_device("2") == torch.device("cuda", 2)  # unset: every GPU of the node, by index

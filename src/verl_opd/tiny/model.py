@@ -15,6 +15,41 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config, Qw
 from verl_opd.tiny.tokenizer import copy_tokenizer
 
 
+def qwen2_config(
+    tokenizer: PreTrainedTokenizerBase,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 8192,
+    initializer_range: float = 0.02,
+) -> Qwen2Config:
+    """The ``Qwen2Config`` :func:`build_model` instantiates: vocabulary and special ids from ``tokenizer``.
+
+    ``intermediate_size`` defaults to ``2 * hidden_size``. Like Qwen, the bos id is ``<|endoftext|>`` (the
+    pad token) since the tokenizer has no bos. ``max_position_embeddings`` costs nothing (RoPE is computed
+    per forward); its default covers the example configs' prompt + response (1024 + 4096), which verl-opd
+    checks against the teacher's context. Separate from :func:`build_model` so a caller that must not
+    allocate the weights (``benchmarks/gpu_smoke.py --dry-run``) describes exactly the same model.
+    """
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+        initializer_range=initializer_range,
+    )
+
+
 def build_model(
     out_dir: str | Path,
     tokenizer: PreTrainedTokenizerBase | str | Path,
@@ -29,30 +64,22 @@ def build_model(
 ) -> Path:
     """Build a seeded random ``Qwen2ForCausalLM``, save it with ``tokenizer`` in ``out_dir`` and return the path.
 
-    ``intermediate_size`` defaults to ``2 * hidden_size`` (hidden 64, 2 layers, vocab 512: about 107k
-    parameters). A larger ``initializer_range`` gives a random model with sharper, more opinionated
-    next-token distributions: a teacher that differs clearly from a near-uniform random student. Like Qwen,
-    the bos id is ``<|endoftext|>`` (the pad token) since the tokenizer has no bos. ``tokenizer`` may be a
-    directory: its files are then copied byte for byte (see :func:`verl_opd.tiny.tokenizer.copy_tokenizer`).
-    ``max_position_embeddings`` costs nothing (RoPE is computed per forward); its default covers the
-    example configs' prompt + response (1024 + 4096), which verl-opd checks against the teacher's context.
+    The architecture is :func:`qwen2_config`'s (hidden 64, 2 layers, vocab 512: about 107k parameters). A
+    larger ``initializer_range`` gives a random model with sharper, more opinionated next-token
+    distributions: a teacher that differs clearly from a near-uniform random student. ``tokenizer`` may be
+    a directory: its files are then copied byte for byte (see :func:`verl_opd.tiny.tokenizer.copy_tokenizer`).
     """
     tokenizer_dir = None if isinstance(tokenizer, PreTrainedTokenizerBase) else Path(tokenizer)
     if tokenizer_dir is not None:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
+    config = qwen2_config(
+        tokenizer,
         hidden_size=hidden_size,
-        intermediate_size=intermediate_size or 2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
         max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        dtype="float32",
         initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
