@@ -16,8 +16,8 @@ log-ratios there are nonzero wherever B's "12" asserts that the run ends (bias C
 Expected advantages and policy gradients are exact sums over the student's finite support, through the
 project's own chunking (:func:`verl_opd.core.xtok.align_chunks`), canonicity guard, advantage
 (:func:`verl_opd.core.xtok.compute_xtok_opd_advantage`) and shaping (:mod:`verl_opd.core.xtok_shaping`).
-Only the student's A-side tokens never carry lookahead here (no A token extends a digit or ``b``/``ab``,
-and ``a`` is never a chunk's last token), which is why teacher-side shaping alone is exact in this toy.
+The student's tokens carry no lookahead here (no A token extends a digit, ``b`` or ``ab``, and ``a`` is never
+a chunk's last token), so ``Phi_S = 0`` and teacher-side shaping alone is exact in this toy.
 
 Used by ``tests/test_xtok_toy.py`` and ``benchmarks/xtok_toy.py``. numpy/torch only.
 """
@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -35,7 +34,13 @@ import numpy as np
 import torch
 
 from verl_opd.core.xtok import align_chunks, compute_xtok_opd_advantage, noncanonical_tokens
-from verl_opd.core.xtok_shaping import extension_log_mass, extension_table, potential_shift, teacher_potential
+from verl_opd.core.xtok_shaping import (
+    ExtensionTable,
+    extension_log_mass,
+    extension_table,
+    potential_shift,
+    teacher_potential,
+)
 
 __all__ = ["ToyTokenizer", "QWEN_LIKE", "LLAMA3_LIKE", "toy_distribution", "CanonicalTrieLM", "ExactToy"]
 
@@ -136,8 +141,9 @@ class _Leaf:
     text: bytes
     ids: tuple[int, ...]
     canonical: bool
-    student_chunk: np.ndarray  # chunk per student token
-    kept: dict[bool, np.ndarray]  # guard -> bool per chunk (not masked)
+    student_chunk: np.ndarray  # chunk index per student token
+    chunk_ids: dict[bool, np.ndarray]  # guard -> per student token chunk index, -1 in masked chunks
+    teacher_on_student: dict[bool, np.ndarray]  # shaping -> T_c (or T_c - shift_c) on each chunk's last token
     teacher_chunk_lp: np.ndarray  # T_c per chunk
     potential_shift: np.ndarray  # ΔPhi_S - ΔPhi_T per chunk (Phi_S = 0: teacher-side shaping)
 
@@ -158,50 +164,47 @@ class ExactToy:
             for text in teacher_probs
             for ids in self.student_tok.segmentations(text)
         ]
+        # The student trie: a node per proper prefix of a leaf, its children in first-seen order.
         nodes: dict[tuple[int, ...], int] = {}
-        children: list[list[int]] = []
+        self.children: list[list[int]] = []
         for leaf in self.leaves:
-            ids = (*leaf.ids,)
-            for t in range(len(ids)):
-                node = nodes.setdefault(ids[:t], len(nodes))
-                if node == len(children):
-                    children.append([])
-                if ids[t] not in children[node]:
-                    children[node].append(ids[t])
-        self.children = children
+            for t, token in enumerate(leaf.ids):
+                node = nodes.setdefault(leaf.ids[:t], len(nodes))
+                if node == len(self.children):
+                    self.children.append([])
+                if token not in self.children[node]:
+                    self.children[node].append(token)
         self._prefixes = list(nodes)
-        width = max(len(c) for c in children)
-        length = max(len(leaf.ids) for leaf in self.leaves)
-        self.node = torch.zeros(len(self.leaves), length, dtype=torch.long)
-        self.slot = torch.zeros(len(self.leaves), length, dtype=torch.long)
-        self.mask = torch.zeros(len(self.leaves), length, dtype=torch.bool)
+        self.width = max(len(kids) for kids in self.children)
+        shape = (len(self.leaves), max(len(leaf.ids) for leaf in self.leaves))
+        self.node = torch.zeros(shape, dtype=torch.long)  # (L, T): trie node each token is chosen at
+        self.slot = torch.zeros(shape, dtype=torch.long)  # (L, T): its slot among that node's children
+        self.mask = torch.zeros(shape, dtype=torch.bool)
         for row, leaf in enumerate(self.leaves):
             for t, token in enumerate(leaf.ids):
-                self.node[row, t] = nodes[leaf.ids[:t]]
-                self.slot[row, t] = children[self.node[row, t]].index(token)
+                node = nodes[leaf.ids[:t]]
+                self.node[row, t], self.slot[row, t] = node, self.children[node].index(token)
                 self.mask[row, t] = True
-        self.width = width
         texts = list(teacher_probs)
         self.text_index = torch.tensor([texts.index(leaf.text) for leaf in self.leaves])
         self.target = torch.tensor([teacher_probs[t] for t in texts], dtype=torch.float64)
         self.canonical = torch.tensor([leaf.canonical for leaf in self.leaves])
 
-    def _leaf(self, text: bytes, ids: tuple[int, ...], teacher: CanonicalTrieLM, teacher_ext) -> _Leaf:
+    def _leaf(self, text: bytes, ids: tuple[int, ...], teacher: CanonicalTrieLM, teacher_ext: ExtensionTable) -> _Leaf:
+        """Chunk one student tokenization against the teacher's canonical one and score the teacher side."""
         student_ids = np.array([*ids, self.student_tok.eos_id])
         teacher_ids = (*self.teacher_tok.encode(text), self.teacher_tok.eos_id)
-        canonical_ids = np.array(self.student_tok.encode(text))
-        noncanonical = noncanonical_tokens(student_ids[:-1], canonical_ids, self.student_tok.byte_table)
+        noncanonical = noncanonical_tokens(ids, self.student_tok.encode(text), self.student_tok.byte_table)
         alignments = {
             guard: align_chunks(
                 student_ids,
-                np.array(teacher_ids),
+                teacher_ids,
                 self.student_tok.byte_table,
                 self.teacher_tok.byte_table,
                 student_eos=True,
                 teacher_eot_len=1,
                 truncated=False,
-                noncanonical=np.append(noncanonical, False) if guard else None,
-                student_special=None,
+                noncanonical=noncanonical if guard else None,
             )
             for guard in (False, True)
         }
@@ -209,7 +212,6 @@ class ExactToy:
         next_lp = torch.tensor(np.stack([teacher.next_log_probs(teacher_ids[:u]) for u in range(len(teacher_ids))]))
         token_ids = torch.tensor(teacher_ids)
         teacher_lp = next_lp[torch.arange(len(teacher_ids)), token_ids]
-        chunk = torch.as_tensor(alignment.teacher_chunk)
         phi = teacher_potential(
             teacher_lp,
             extension_log_mass(next_lp, token_ids, teacher_ext),
@@ -217,52 +219,56 @@ class ExactToy:
             alignment.n_chunks,
             ends_with_eos=True,
         )
+        shift = potential_shift(None, phi).numpy()
+        on_student = alignment.teacher_log_probs_on_student(teacher_lp.numpy())
+        last = on_student != 0  # each chunk's last student token (every T_c < 0 here)
+        shaped = on_student.copy()
+        shaped[last] -= shift[alignment.student_chunk[last]]
         return _Leaf(
             text=text,
             ids=tuple(student_ids.tolist()),
             canonical=not bool(noncanonical.any()),
             student_chunk=alignment.student_chunk,
-            kept={guard: a.mask_reason == 0 for guard, a in alignments.items()},
-            teacher_chunk_lp=torch.zeros(alignment.n_chunks, dtype=torch.float64).index_add(0, chunk, teacher_lp).numpy(),
-            potential_shift=potential_shift(None, phi).numpy(),
+            chunk_ids={guard: a.student_chunk_ids() for guard, a in alignments.items()},
+            teacher_on_student={False: on_student, True: shaped},
+            teacher_chunk_lp=np.bincount(alignment.teacher_chunk, weights=teacher_lp.numpy()),
+            potential_shift=shift,
         )
 
     # ------------------------------------------------------------------ student geometry
 
     @cached_property
     def _chunks(self) -> dict[str, torch.Tensor]:
-        """Per-token chunk tensors for the whole support: global chunk index, kept chunk ids, teacher scores."""
+        """The leaves' chunk data as padded ``(L, T)`` rows and flat per-chunk vectors."""
+
+        def rows(values: list[np.ndarray], fill: float, dtype: torch.dtype) -> torch.Tensor:
+            out = torch.full(self.node.shape, fill, dtype=dtype)
+            for row, value in enumerate(values):
+                out[row, : len(value)] = torch.as_tensor(value, dtype=dtype)
+            return out
+
         offsets = np.cumsum([0] + [len(leaf.teacher_chunk_lp) for leaf in self.leaves])
-        global_chunk = torch.full(self.node.shape, -1, dtype=torch.long)
-        chunk_ids = {guard: torch.full(self.node.shape, -1, dtype=torch.long) for guard in (False, True)}
-        placed = {shaping: torch.zeros(self.node.shape, dtype=torch.float64) for shaping in (False, True)}
-        for row, leaf in enumerate(self.leaves):
-            chunk = torch.as_tensor(leaf.student_chunk)
-            n = len(chunk)
-            global_chunk[row, :n] = chunk + int(offsets[row])
-            for guard, kept in leaf.kept.items():
-                chunk_ids[guard][row, :n] = torch.where(torch.as_tensor(kept)[chunk], chunk, -1)
-            last = torch.zeros(len(leaf.teacher_chunk_lp), dtype=torch.long).scatter_reduce(
-                0, chunk, torch.arange(n), reduce="amax", include_self=False
-            )
-            for shaping in (False, True):
-                score = leaf.teacher_chunk_lp - (leaf.potential_shift if shaping else 0.0)
-                placed[shaping][row, last] = torch.as_tensor(score)
         return {
-            "global": global_chunk,
+            "global": rows([leaf.student_chunk + offsets[i] for i, leaf in enumerate(self.leaves)], -1, torch.long),
             "teacher": torch.as_tensor(np.concatenate([leaf.teacher_chunk_lp for leaf in self.leaves])),
             "shift": torch.as_tensor(np.concatenate([leaf.potential_shift for leaf in self.leaves])),
             "row": torch.repeat_interleave(torch.arange(len(self.leaves)), torch.as_tensor(np.diff(offsets))),
-            **{f"ids_{guard}": ids for guard, ids in chunk_ids.items()},
-            **{f"teacher_{shaping}": t for shaping, t in placed.items()},
+            **{f"ids_{g}": rows([leaf.chunk_ids[g] for leaf in self.leaves], -1, torch.long) for g in (False, True)},
+            **{
+                f"teacher_{s}": rows([leaf.teacher_on_student[s] for leaf in self.leaves], 0.0, torch.float64)
+                for s in (False, True)
+            },
         }
 
     def canonical_logits(self, probs: dict[bytes, float]) -> torch.Tensor:
-        """The student at the canonical-trie LM over A of ``probs`` (non-canonical slots ``-inf``)."""
+        """The student at the canonical-trie LM over A of ``probs``: non-canonical slots ``-inf``, and the
+        nodes below them (unreachable, no canonical mass) uniform, for :meth:`open_noncanonical` to use."""
         lm = CanonicalTrieLM(self.student_tok, probs)
         logits = torch.full((len(self.children), self.width), float("-inf"), dtype=torch.float64)
         for node, prefix in enumerate(self._prefixes):
-            logits[node, : len(self.children[node])] = torch.as_tensor(lm.next_log_probs(prefix)[self.children[node]])
+            kids = self.children[node]
+            reachable = prefix in lm.mass
+            logits[node, : len(kids)] = torch.as_tensor(lm.next_log_probs(prefix)[kids]) if reachable else 0.0
         return logits
 
     def open_noncanonical(self, logits: torch.Tensor, share: float) -> torch.Tensor:
@@ -299,6 +305,13 @@ class ExactToy:
         d = student - chunks["teacher"] + (chunks["shift"] if shaping else 0.0)
         reachable = torch.isfinite(lp.sum(1))[chunks["row"]]
         return d[reachable], chunks["row"][reachable]
+
+    def mean_abs_chunk_log_ratio(self, logits: torch.Tensor, shaping: bool) -> float:
+        """``E_{y ~ S}[mean over y's chunks of |d_c|]`` (``|d'_c|`` with ``shaping``)."""
+        d, row = self.chunk_log_ratios(logits, shaping)
+        per_leaf_sum = torch.zeros(len(self.leaves), dtype=torch.float64).index_add(0, row, d.abs())
+        n_chunks = torch.bincount(row, minlength=len(self.leaves)).clamp_min(1)
+        return (self.leaf_probs(logits) * per_leaf_sum / n_chunks).sum().item()
 
     def gradient(self, logits: torch.Tensor, *, guard: bool, shaping: bool, discount: float) -> torch.Tensor:
         """Exact ``E_S[sum_t A_t grad log S(y_t | y_<t)]`` w.r.t. ``logits`` (advantages held constant).
