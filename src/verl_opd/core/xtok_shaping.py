@@ -53,7 +53,7 @@ class ExtensionTable:
 
     Sorting the byte strings puts every string that starts with ``b`` in one contiguous run right after
     ``b``, so the extensions of id ``i`` are ``order[start[i]:stop[i]]``: O(V) memory for any vocabulary
-    (a 151k-entry table builds in well under a second), where an explicit id list per entry would hold
+    (a 150k-entry table builds in under a second on one core), where an explicit id list per entry would hold
     every short token's thousands of extensions. Every id extends itself. Special ids extend only
     themselves and are nobody's extension: their bytes are a tag's spelling, not text that could follow.
     """
