@@ -5,7 +5,8 @@ Registered as ``trainer.v1.trainer_mode=opd`` (set automatically by
 places, plus one latency setting:
 
 1. the actor/rollout/ref worker is :class:`~verl_opd.glue.teacher_worker.OPDWorker`,
-   which loads the teacher into the reference slot;
+   which loads the teacher into the reference slot, for a LoRA student too (verl would
+   otherwise score a LoRA student's reference with its own adapter-free weights);
 2. :meth:`OPDTrainer._compute_advantage` computes the per-token KL reward from the
    student's and the teacher's log-probs of the sampled tokens and hands it, with the
    task reward and verl's ``uid`` groups, to the ``opd`` estimator it looks up in
