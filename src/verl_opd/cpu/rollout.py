@@ -257,16 +257,31 @@ class HFGenerateServer:
         return results
 
     # ------------------------------------------------------------------ weights
-    async def update_weights(self, state_dict: dict[str, torch.Tensor], global_steps: int | None = None) -> None:
-        """Load trained weights; every name sent must exist in the served model."""
+    async def update_weights(
+        self,
+        state_dict: dict[str, torch.Tensor],
+        global_steps: int | None = None,
+        peft_config: dict[str, Any] | None = None,
+        base_sync_done: bool = True,
+    ) -> None:
+        """Load trained weights; every name sent must exist in the served model.
+
+        A LoRA student (verl's default ``model.lora.merge=False``) sends what it sends vLLM
+        (verl/workers/engine_workers.py:786-806): with ``peft_config`` set, first (once) its base
+        weights under the adapter's ``base_layer`` names (``base_sync_done=False``), then at every
+        sync only the adapter's tensors, named as PEFT saves them. The served model is wrapped in
+        the same adapter the first time one arrives, so it samples from base + adapter in fp32,
+        exactly the policy the training engine scores.
+        """
         async with self._lock:
-            own = self.model.state_dict()
-            unknown = sorted(set(state_dict) - set(own))
-            if unknown:
-                raise KeyError(f"hf rollout received weights the served model does not have: {unknown[:5]}")
-            with torch.no_grad():
-                for name, tensor in state_dict.items():
-                    own[name].copy_(tensor.to(own[name].dtype))
+            if peft_config is not None:
+                self._wrap_in_adapter(peft_config)
+            if peft_config is not None and base_sync_done:
+                self._load_adapter(state_dict)
+            else:
+                # With an adapter, the served model's names are the sent ones under PEFT's wrapper prefix.
+                prefix = "base_model.model." if peft_config is not None else ""
+                self._load_named({prefix + name: tensor for name, tensor in state_dict.items()})
             if global_steps is not None:
                 self.global_steps = global_steps
             # One line per sync, so a run's log shows the trained weights arriving.
@@ -293,6 +308,33 @@ class HFGenerateServer:
             flush=True,
         )
         torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _load_named(self, state_dict: dict[str, torch.Tensor]) -> None:
+        own = self.model.state_dict()
+        unknown = sorted(set(state_dict) - set(own))
+        if unknown:
+            raise KeyError(f"hf rollout received weights the served model does not have: {unknown[:5]}")
+        with torch.no_grad():
+            for name, tensor in state_dict.items():
+                own[name].copy_(tensor.to(own[name].dtype))
+
+    def _wrap_in_adapter(self, peft_config: dict[str, Any]) -> None:
+        """Wrap the served model in the student's LoRA adapter (once; the adapter's B starts at 0)."""
+        from peft import PeftModel, get_peft_config, get_peft_model
+
+        if not isinstance(self.model, PeftModel):
+            self.model = get_peft_model(self.model, get_peft_config(dict(peft_config)))
+            self.model.eval()
+
+    def _load_adapter(self, state_dict: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.model, state_dict)
+        if result.unexpected_keys:
+            raise KeyError(
+                f"hf rollout received adapter weights the served adapter does not have: "
+                f"{sorted(result.unexpected_keys)[:5]}"
+            )
 
     def served_weights_checksum(self) -> float:
         """Sum of |w| over all served parameters: changes whenever trained weights arrive."""
@@ -426,5 +468,10 @@ class HFServerAdapter(BaseRollout):
         state_dict = {name: tensor.detach().to("cpu").clone() for name, tensor in weights}
         server = self._server()
         if server is not None:
-            await server.update_weights.remote(state_dict, global_steps)
+            await server.update_weights.remote(
+                state_dict,
+                global_steps,
+                peft_config=kwargs.get("peft_config"),
+                base_sync_done=kwargs.get("base_sync_done", True),
+            )
             logger.info("hf rollout: %d tensors updated in %.2fs", len(state_dict), time.time() - start)
