@@ -34,9 +34,7 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from datetime import date
@@ -45,42 +43,16 @@ from typing import Any
 
 import psutil
 
-from process_tree import PeakTreeRSS  # benchmarks/ is on sys.path when this file is run
-from quick_poll_sampler import quick_poll_overrides
+from quick_poll_sampler import quick_poll_overrides  # benchmarks/ is on sys.path when this file is run
 from verl_opd.config.opd_config import OPDConfig
 from verl_opd.tools.console_metrics import parse_step_metrics
 from verl_opd.tools.demo import STUDENT_STORY, cpu_run_args, opd_args, validation_curve
+from verl_runs import STAGES, run_measured
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("opd", "grpo", "sft", "verl_distill")
 TARGET_FRACTION = 0.9
 GRPO_N = 4
-# verl's per-stage timers of a step (timing_s/<stage>); their sum is about timing_s/step
-STAGES = ("gen", "old_log_prob", "ref", "adv", "update_actor", "update_weights")
-RUN_TIMEOUT_S = 1800
-
-
-# ---------------------------------------------------------------------------------------------- measuring
-def run_measured(command: list[str], cwd: Path, log_path: Path) -> tuple[int, str, float, float]:
-    """Run ``command`` (output to ``log_path``); (exit code, output, wall seconds, peak tree RSS in GiB)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
-    start = time.monotonic()
-    with open(log_path, "w") as log:
-        log.write("$ " + " ".join(command) + "\n")
-        log.flush()
-        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        with PeakTreeRSS(proc.pid) as memory:
-            try:
-                proc.wait(timeout=RUN_TIMEOUT_S)
-            except BaseException as error:  # a timeout, or Ctrl-C: stop the whole tree this run started
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
-                if not isinstance(error, subprocess.TimeoutExpired):
-                    raise
-    return proc.returncode, log_path.read_text(errors="replace"), time.monotonic() - start, memory.peak_gib
 
 
 # ---------------------------------------------------------------------------------------------- verl runs

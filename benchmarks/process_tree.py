@@ -1,4 +1,4 @@
-"""Peak resident memory of a whole process tree, sampled from outside (shared by the benchmarks).
+"""Peak memory sampled from outside (shared by the benchmarks): the resident memory of a whole process tree.
 
 ``ray.init`` starts Ray's daemons as children of the driver and the workers are children of the raylet,
 so the tree under ``main_ppo``'s driver is the whole run: model copies, Ray, TransferQueue.
@@ -7,6 +7,7 @@ so the tree under ``main_ppo``'s driver is the whole run: model copies, Ray, Tra
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from types import TracebackType
 
 import psutil
@@ -27,11 +28,11 @@ def tree_rss(root: psutil.Process) -> int:
     return total
 
 
-class PeakTreeRSS:
-    """Context manager: samples :func:`tree_rss` of ``pid`` every ``interval_s`` until exit; ``peak_gib`` after."""
+class PeakSampler:
+    """Context manager: samples ``measure()`` (bytes) every ``interval_s`` until exit; ``peak_gib`` after."""
 
-    def __init__(self, pid: int, interval_s: float = 0.5) -> None:
-        self._root = psutil.Process(pid)
+    def __init__(self, measure: Callable[[], int], interval_s: float = 0.5) -> None:
+        self._measure = measure
         self._interval_s = interval_s
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -39,14 +40,14 @@ class PeakTreeRSS:
 
     def _sample(self) -> None:
         while not self._done.is_set():
-            self.peak_bytes = max(self.peak_bytes, tree_rss(self._root))
+            self.peak_bytes = max(self.peak_bytes, self._measure())
             self._done.wait(self._interval_s)
 
     @property
     def peak_gib(self) -> float:
         return self.peak_bytes / 2**30
 
-    def __enter__(self) -> PeakTreeRSS:
+    def __enter__(self) -> PeakSampler:
         self._thread.start()
         return self
 
@@ -55,3 +56,11 @@ class PeakTreeRSS:
     ) -> None:
         self._done.set()
         self._thread.join()
+
+
+class PeakTreeRSS(PeakSampler):
+    """:class:`PeakSampler` of :func:`tree_rss` under ``pid``."""
+
+    def __init__(self, pid: int, interval_s: float = 0.5) -> None:
+        root = psutil.Process(pid)
+        super().__init__(lambda: tree_rss(root), interval_s)

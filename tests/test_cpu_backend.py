@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from verl_opd.cpu.platform import PlatformCPU
-from verl_opd.cpu.rollout import HFGenerateServer, prompt_logprobs
+from verl_opd.cpu.rollout import HFGenerateServer, cuda_device, prompt_logprobs
 from verl_opd.cpu.settings import CPU_ENV, apply_cpu_settings
 from verl_opd.glue.patches import dedup_backend
 
@@ -142,3 +142,47 @@ def test_hf_server_loads_trained_weights_and_rejects_unknown_ones(tiny):
     assert server.served_weights_checksum() != before and server.global_steps == 3
     with pytest.raises(KeyError, match="does not have"):
         asyncio.run(server.update_weights({"not.a.weight": torch.zeros(1)}))
+
+
+def test_hf_server_serves_on_cpu_in_fp32_without_a_gpu_id(server):
+    assert server.device == torch.device("cpu")
+    assert {p.dtype for p in server.model.parameters()} == {torch.float32}
+
+
+def test_cuda_device_maps_rays_gpu_id_to_this_process_index(monkeypatch):
+    """Ray's GPU id is the node's CUDA_VISIBLE_DEVICES entry; torch numbers the visible devices from 0."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert cuda_device("5") == torch.device("cuda", 1) and cuda_device("3") == torch.device("cuda", 0)
+    with pytest.raises(RuntimeError, match="not in this process's CUDA_VISIBLE_DEVICES=3,5"):
+        cuda_device("0")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert cuda_device("2") == torch.device("cuda", 2)  # unset: every GPU of the node, by index
+
+
+def test_hf_server_serves_a_lora_students_base_then_adapter_as_verl_sends_them(tiny):
+    """verl's LoRA sync (merge=False): base weights once under ``base_layer`` names, then the adapter's tensors."""
+    from peft import LoraConfig, TaskType, get_peft_model, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    student = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny.student),
+        LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=8, target_modules="all-linear"),
+    )
+    with torch.no_grad():
+        for name, param in student.named_parameters():
+            if "lora_B" in name or name.endswith("norm.weight"):
+                param.normal_(std=0.1)  # a trained adapter, and base weights that differ from the served ones
+    peft_config = student.peft_config["default"].to_dict()
+    base = {
+        name.removeprefix("base_model.model."): tensor
+        for name, tensor in student.state_dict().items()
+        if "lora_" not in name
+    }
+    server = HFGenerateServer(str(tiny.student), max_model_len=128, response_length=4, seed=0)
+    asyncio.run(server.update_weights(base, global_steps=0, peft_config=peft_config, base_sync_done=False))
+    asyncio.run(server.update_weights(get_peft_model_state_dict(student), 1, peft_config, base_sync_done=True))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(server.model(ids).logits, student(ids).logits)
+    with pytest.raises(KeyError, match="adapter weights the served adapter does not have"):
+        asyncio.run(server.update_weights({"x.lora_A.weight": torch.zeros(1)}, 2, peft_config, base_sync_done=True))

@@ -161,6 +161,36 @@ def test_gpu_script_env_overrides(env):
     assert "opd.teacher.offload=False" in overrides and "trainer.n_gpus_per_node=4" in overrides
 
 
+@pytest.mark.parametrize(
+    ("offload", "teacher_gib_resident", "max_utilization"), [("True", 0.0, 0.81), ("False", 7.6, 0.72)]
+)
+def test_32b_recipe_memory_plan(offload, teacher_gib_resident, max_utilization):
+    """Qwen3-8B-Base + Qwen3-32B on 8 x 80 GB with the recipe's keys (the figures in examples/OPD_README.md).
+
+    Expected values come from the published counts (8.2B, 32.8B; the plan's own counts are within
+    1%, test_memory_plan.py): teacher 32.8e9 x 2 B / 8 GPUs = 7.64 GiB per GPU; the student keeps
+    8.2e9 x (4 + 8) B / 8 = 11.5 GiB of fp32 shards + Adam moments through generation. The highest
+    gpu_memory_utilization that fits is (79.6 - 3 reserved - resident) / 79.6 rounded down: a 1%
+    error in the counts moves it by < 0.003, so it is asserted exactly.
+    """
+    from verl_opd.checks.memory_plan import GENERATION, GIB, inputs_from_config, judge, plan_memory
+    from verl_opd.tools.doctor.plan import DEFAULT_GPU_MEMORY_GIB
+
+    assets = REPO / "tests" / "assets"
+    env = {"STUDENT_MODEL": str(assets / "qwen3-8b-base"), "TEACHER_MODEL": str(assets / "qwen3-32b")}
+    config_name, overrides = main_ppo_args(EXAMPLES / "run_qwen3-32b_to_8b_opd.sh", {**env, "TEACHER_OFFLOAD": offload})
+    plan = plan_memory(inputs_from_config(compose(config_name, overrides), DEFAULT_GPU_MEMORY_GIB))
+
+    assert {v.status for v in judge(plan).values()} == {"PASS"}
+    assert plan.max_gpu_memory_utilization == max_utilization
+    generation = {c.name: c.bytes / GIB for c in plan.phase(GENERATION).components}
+    assert generation.get("teacher qwen3-32b", 0.0) == pytest.approx(teacher_gib_resident, abs=0.1)
+    assert generation["student Adam moments"] == pytest.approx(8.2e9 * 8 / 8 / GIB, rel=0.01)
+    assert generation["vLLM weights"] == pytest.approx(8.2e9 * 2 / 2 / GIB, rel=0.01)  # bf16, TP 2
+    host = sum(c.bytes for c in plan.host) / GIB
+    assert host == pytest.approx(32.8e9 * 2 / GIB if offload == "True" else 0.0, rel=0.01)  # 8 shards per node
+
+
 def test_cpu_script_steps_env(env):
     config_name, overrides = main_ppo_args(EXAMPLES / "run_tiny_opd_cpu.sh", {**env, "OPD_STEPS": "7"})
     assert config_name == "ppo_trainer"

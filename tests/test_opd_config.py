@@ -96,7 +96,6 @@ def test_shipped_config_needs_no_extra_keys(tiny):
         (["trainer.use_v1=False"], "Set trainer.use_v1=True"),
         (["distillation.enabled=True"], "set distillation.enabled=False"),
         (["algorithm.rollout_correction.bypass_mode=True"], "Set algorithm.rollout_correction.bypass_mode=False"),
-        (["actor_rollout_ref.model.lora_rank=8"], "actor_rollout_ref.model.lora_rank=0"),
         (["+opd.kl_coef=0"], "opd.kl_coef=0 must be"),
         (["+opd.discount=1.5"], "opd.discount=1.5 must be in [0, 1]"),
         (["+opd.sampler_poll_s=0"], "opd.sampler_poll_s=0 must be a finite number of seconds > 0"),

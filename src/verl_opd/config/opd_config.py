@@ -288,13 +288,6 @@ def _refuse_conflicts(config: DictConfig, opd: OPDConfig) -> None:
             "distillation.enabled=True turns on verl's built-in distillation, a second teacher path. "
             "Use one: set distillation.enabled=False for verl-opd's algorithm.adv_estimator=opd."
         )
-    lora_rank = arr.model.get("lora_rank", 0) or (arr.model.get("lora", {}) or {}).get("rank", 0)
-    if lora_rank or arr.model.get("lora_adapter_path"):
-        raise OPDConfigError(
-            "A LoRA student is not supported by algorithm.adv_estimator=opd: with LoRA, verl scores the reference "
-            "slot with the student's own base weights instead of the teacher, which gives zero advantages. "
-            "Set actor_rollout_ref.model.lora_rank=0 (full fine-tuning)."
-        )
     if opd.teacher.offload and config.trainer.device == "cpu":
         raise OPDConfigError(
             "opd.teacher.offload=True streams the teacher from pinned host memory to a GPU; there is no GPU with "

@@ -2,7 +2,8 @@
 
 verl 0.9.1 only ships vLLM/SGLang/TensorRT-LLM servers, none of which run on a
 CPU. This module provides the three pieces verl's agent loop expects from a
-rollout backend, registered under ``actor_rollout_ref.rollout.name=hf``:
+rollout backend, registered under ``actor_rollout_ref.rollout.name=hf``. It also
+serves on a CUDA GPU (bf16 weights there), for a GPU machine without vLLM:
 
 * :class:`HFGenerateServer`: a Ray actor that owns a copy of the model and answers
   token-in/token-out ``generate`` calls. Concurrent requests are gathered into
@@ -12,7 +13,8 @@ rollout backend, registered under ``actor_rollout_ref.rollout.name=hf``:
   recomputes as ``old_log_probs``, and vLLM-style ``prompt_logprobs`` so verl's
   own distillation teacher servers work on it too.
 * :class:`HFReplica`: the :class:`~verl.workers.rollout.replica.RolloutReplica`
-  that starts one server per replica (named like verl's own servers).
+  that starts one server per replica (named like verl's own servers), on the GPU
+  of the replica's first training worker when verl's platform is CUDA.
 * :class:`HFServerAdapter`: lives in the training worker; receives the trained
   weights from verl's checkpoint engine and hands them to the server.
 """
@@ -52,6 +54,27 @@ class _Request:
     future: asyncio.Future = field(repr=False)
 
 
+def cuda_device(accelerator_id: str) -> torch.device:
+    """The torch device of the GPU that Ray calls ``accelerator_id``, as seen by this process.
+
+    Ray names GPUs by their entries in the node's ``CUDA_VISIBLE_DEVICES`` (all of the node's
+    GPUs, by index, when it is unset), and leaves that variable as the node had it in an actor
+    that holds no GPU (the server is started with Ray's ``NOSET`` variable, as verl's vLLM
+    server is). The index is looked up instead of re-setting ``CUDA_VISIBLE_DEVICES`` (what verl's
+    vLLM server does, vllm_async_server.py:135, for its engine *subprocesses*): this process may
+    have initialised CUDA while importing verl, after which the variable is no longer read.
+    """
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if not visible:
+        return torch.device("cuda", int(accelerator_id))
+    if accelerator_id not in visible:
+        raise RuntimeError(
+            f"hf rollout: the training worker's GPU {accelerator_id!r} is not in this process's "
+            f"CUDA_VISIBLE_DEVICES={','.join(visible)}; start Ray with the same CUDA_VISIBLE_DEVICES for all processes."
+        )
+    return torch.device("cuda", visible.index(accelerator_id))
+
+
 def _sampling_key(params: dict[str, Any]) -> tuple[float, float, int]:
     """Requests that share a key can be generated in one batch."""
     temperature = float(params.get("temperature", 1.0))
@@ -88,13 +111,21 @@ def prompt_logprobs(
 
 
 class HFGenerateServer:
-    """Token-in/token-out generation server for one replica (a Ray actor)."""
+    """Token-in/token-out generation server for one replica (a Ray actor).
 
-    def __init__(self, model_path: str, max_model_len: int, response_length: int, seed: int, dtype: str = "float32"):
+    ``accelerator_id``: Ray's id of the GPU to serve on (see :func:`cuda_device`), with bf16 weights,
+    as vLLM serves; ``None`` serves on the CPU in fp32.
+    """
+
+    def __init__(
+        self, model_path: str, max_model_len: int, response_length: int, seed: int, accelerator_id: str | None = None
+    ):
         from transformers import AutoModelForCausalLM, GenerationConfig
 
         torch.manual_seed(seed)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        self.device = torch.device("cpu") if accelerator_id is None else cuda_device(accelerator_id)
+        dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device)
         self.model.eval()
         config = self.model.config
         generation_config = GenerationConfig.from_model_config(config)
@@ -159,7 +190,7 @@ class HFGenerateServer:
 
     def _forward_logits(self, ids: list[int]) -> torch.Tensor:
         with torch.no_grad():
-            return self.model(torch.tensor([ids])).logits[0]
+            return self.model(torch.tensor([ids], device=self.device)).logits[0]
 
     async def _drain(self) -> None:
         """Serve queued requests in batches until the queues are empty."""
@@ -176,12 +207,22 @@ class HFGenerateServer:
                 for request in requests:
                     if not request.future.done():
                         request.future.set_exception(error)
+        self._release_cache()
+
+    def _release_cache(self) -> None:
+        """Hand the generation's cached GPU blocks back after a burst of requests.
+
+        The server is a process of its own on the trainer's GPU (colocated, hybrid mode): blocks
+        kept by this process's caching allocator would be missing to the training step that follows.
+        """
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _generate_batch(
         self, requests: list[_Request], temperature: float, top_p: float, top_k: int
     ) -> list[tuple[list[int], list[float]]]:
         width = max(len(r.prompt_ids) for r in requests)
-        input_ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
+        input_ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long, device=self.device)
         attention_mask = torch.zeros_like(input_ids)
         for row, request in enumerate(requests):
             input_ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
@@ -216,23 +257,83 @@ class HFGenerateServer:
         return results
 
     # ------------------------------------------------------------------ weights
-    async def update_weights(self, state_dict: dict[str, torch.Tensor], global_steps: int | None = None) -> None:
-        """Load trained weights; every name sent must exist in the served model."""
+    async def update_weights(
+        self,
+        state_dict: dict[str, torch.Tensor],
+        global_steps: int | None = None,
+        peft_config: dict[str, Any] | None = None,
+        base_sync_done: bool = True,
+    ) -> None:
+        """Load trained weights; every name sent must exist in the served model.
+
+        A LoRA student (verl's default ``model.lora.merge=False``) sends what it sends vLLM
+        (verl/workers/engine_workers.py:786-806): with ``peft_config`` set, first (once) its base
+        weights under the adapter's ``base_layer`` names (``base_sync_done=False``), then at every
+        sync only the adapter's tensors, named as PEFT saves them. The served model is wrapped in
+        the same adapter the first time one arrives, so it samples from base + adapter in fp32,
+        exactly the policy the training engine scores.
+        """
         async with self._lock:
-            own = self.model.state_dict()
-            unknown = sorted(set(state_dict) - set(own))
-            if unknown:
-                raise KeyError(f"hf rollout received weights the served model does not have: {unknown[:5]}")
-            with torch.no_grad():
-                for name, tensor in state_dict.items():
-                    own[name].copy_(tensor.to(own[name].dtype))
+            if peft_config is not None:
+                self._wrap_in_adapter(peft_config)
+            if peft_config is not None and base_sync_done:
+                self._load_adapter(state_dict)
+            else:
+                # With an adapter, the served model's names are the sent ones under PEFT's wrapper prefix.
+                prefix = "base_model.model." if peft_config is not None else ""
+                self._load_named({prefix + name: tensor for name, tensor in state_dict.items()})
             if global_steps is not None:
                 self.global_steps = global_steps
             # One line per sync, so a run's log shows the trained weights arriving.
+            if self.device.type == "cuda":
+                self._print_peak_memory()
             print(
                 f"verl-opd hf rollout: weights for step {global_steps} loaded "
                 f"({len(state_dict)} tensors, checksum {self.served_weights_checksum():.8e})",
                 flush=True,
+            )
+
+    def _print_peak_memory(self) -> None:
+        """Log this server's peak GPU memory since the previous sync (a generation phase), then reset it.
+
+        verl's ``perf/max_memory_*`` metrics come from the training worker's process only
+        (verl/workers/engine_workers.py:219-220); this is the rollout process's share of the GPU.
+        """
+        gib = 2**30
+        allocated = torch.cuda.max_memory_allocated(self.device) / gib
+        reserved = torch.cuda.max_memory_reserved(self.device) / gib
+        print(
+            f"verl-opd hf rollout: peak GPU memory since the last sync {allocated:.3f} GiB allocated, "
+            f"{reserved:.3f} GiB reserved",
+            flush=True,
+        )
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _load_named(self, state_dict: dict[str, torch.Tensor]) -> None:
+        own = self.model.state_dict()
+        unknown = sorted(set(state_dict) - set(own))
+        if unknown:
+            raise KeyError(f"hf rollout received weights the served model does not have: {unknown[:5]}")
+        with torch.no_grad():
+            for name, tensor in state_dict.items():
+                own[name].copy_(tensor.to(own[name].dtype))
+
+    def _wrap_in_adapter(self, peft_config: dict[str, Any]) -> None:
+        """Wrap the served model in the student's LoRA adapter (once; the adapter's B starts at 0)."""
+        from peft import PeftModel, get_peft_config, get_peft_model
+
+        if not isinstance(self.model, PeftModel):
+            self.model = get_peft_model(self.model, get_peft_config(dict(peft_config)))
+            self.model.eval()
+
+    def _load_adapter(self, state_dict: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.model, state_dict)
+        if result.unexpected_keys:
+            raise KeyError(
+                f"hf rollout received adapter weights the served adapter does not have: "
+                f"{sorted(result.unexpected_keys)[:5]}"
             )
 
     def served_weights_checksum(self) -> float:
@@ -240,7 +341,7 @@ class HFGenerateServer:
         with torch.no_grad():
             return float(sum(p.double().abs().sum().item() for p in self.model.parameters()))
 
-    # ------------------------------------------------------------------ lifecycle (no device memory to free)
+    # ------------------------------------------------------------------ lifecycle (the cache is freed after each burst)
     async def set_global_steps(self, global_steps: int) -> None:
         self.global_steps = global_steps
 
@@ -281,17 +382,37 @@ class HFGenerateServer:
 
 
 class HFReplica(RolloutReplica):
-    """One ``hf`` server per replica, placed on the node of the replica's first worker."""
+    """One ``hf`` server per replica, placed on the node (and, on CUDA, the GPU) of the replica's first worker.
+
+    As verl's vLLM replica in hybrid mode (vllm_async_server.py:1336-1398): the server is an actor
+    that asks Ray for no GPU, pinned to the node of the replica's workers, and serves on the GPU Ray
+    gave the first of them; Ray's ``NOSET`` variable keeps the node's ``CUDA_VISIBLE_DEVICES`` in it.
+    One process serves a whole replica, so set ``rollout.tensor_model_parallel_size=1`` (one worker,
+    one GPU per replica; ``trainer.device=cpu`` sets it): the server then shares exactly its trainer's GPU.
+    """
 
     async def launch_servers(self) -> None:
+        from verl.plugin.platform import get_platform
+        from verl.utils.device import get_device_name, get_resource_name
+
         role = "reward" if self.is_reward_model else ("teacher" if self.is_teacher_model else "")
         name = server_actor_name(self.replica_rank, 0, role) + self.name_suffix
         options: dict[str, Any] = {"name": name, "max_concurrency": self.max_concurrency, "num_cpus": 0}
+        accelerator_id = None
         if self.workers:
-            node_id = await self.workers[0].__ray_call__.remote(lambda worker: ray.get_runtime_context().get_node_id())
+            resource = get_resource_name()
+            node_id, accelerator_ids = await self.workers[0].__ray_call__.remote(
+                lambda worker: (
+                    ray.get_runtime_context().get_node_id(),
+                    ray.get_runtime_context().get_accelerator_ids().get(resource, []),
+                )
+            )
             options["scheduling_strategy"] = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
                 node_id=node_id, soft=False
             )
+            if get_device_name() == "cuda" and accelerator_ids:
+                accelerator_id = str(accelerator_ids[0])
+                options["runtime_env"] = {"env_vars": {var: "1" for var in get_platform().ray_noset_envvars()}}
         model_path = self.model_config.local_path if hasattr(self.model_config, "local_path") else None
         model_path = model_path or self.model_config.path
         server = (
@@ -302,6 +423,7 @@ class HFReplica(RolloutReplica):
                 max_model_len=self.config.max_model_len or (self.config.prompt_length + self.config.response_length),
                 response_length=self.config.response_length,
                 seed=self.config.seed + self.replica_rank if self.config.seed is not None else self.replica_rank,
+                accelerator_id=accelerator_id,
             )
         )
         self.servers = [server]
@@ -346,5 +468,10 @@ class HFServerAdapter(BaseRollout):
         state_dict = {name: tensor.detach().to("cpu").clone() for name, tensor in weights}
         server = self._server()
         if server is not None:
-            await server.update_weights.remote(state_dict, global_steps)
+            await server.update_weights.remote(
+                state_dict,
+                global_steps,
+                peft_config=kwargs.get("peft_config"),
+                base_sync_done=kwargs.get("base_sync_done", True),
+            )
             logger.info("hf rollout: %d tensors updated in %.2fs", len(state_dict), time.time() - start)

@@ -5,7 +5,8 @@ Registered as ``trainer.v1.trainer_mode=opd`` (set automatically by
 places, plus one latency setting:
 
 1. the actor/rollout/ref worker is :class:`~verl_opd.glue.teacher_worker.OPDWorker`,
-   which loads the teacher into the reference slot;
+   which loads the teacher into the reference slot, for a LoRA student too (verl would
+   otherwise score a LoRA student's reference with its own adapter-free weights);
 2. :meth:`OPDTrainer._compute_advantage` computes the per-token KL reward from the
    student's and the teacher's log-probs of the sampled tokens and hands it, with the
    task reward and verl's ``uid`` groups, to the ``opd`` estimator it looks up in
@@ -33,7 +34,7 @@ from tensordict import TensorDict
 from verl.protocol import DataProto
 from verl.trainer.ppo import core_algos
 from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_add_to_batch
-from verl.trainer.ppo.utils import Role
+from verl.trainer.ppo.utils import Role, need_reference_policy
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_to_nested
@@ -66,8 +67,29 @@ class OPDTrainer(PPOTrainerSync):
             config.trainer.v1.trainer_mode = "sync"
         super().__init__(config)
 
+    @property
+    def ref_in_actor(self) -> bool:
+        """Always ``False``: OPD's reference slot holds the teacher, never the student's adapter-free base.
+
+        verl sets ``self.ref_in_actor`` for a LoRA student (``model.lora_rank``/``lora.rank`` > 0 or
+        ``lora_adapter_path``, verl/trainer/ppo/v1/trainer_base.py:234-237) and then scores the reference
+        log-probs with the actor's own weights, adapter disabled (:1703-1709): the teacher would be the
+        student's base model. The worker role is promoted in :meth:`_init_resource_pool_mgr`, so the ref
+        slot has a worker of its own; this makes every read of the flag take that worker's path.
+        """
+        return False
+
+    @ref_in_actor.setter
+    def ref_in_actor(self, _verl_value: bool) -> None:
+        """verl's own assignment (``_setup``) is discarded: see the getter."""
+
     def _init_resource_pool_mgr(self) -> None:
         super()._init_resource_pool_mgr()
+        if Role.ActorRollout in self.role_worker_mapping and need_reference_policy(self.config):
+            # A LoRA student: verl maps it to actor+rollout only, counting on ref-in-actor
+            # (trainer_base.py:796-804). OPD needs the ref slot built, with the teacher in it.
+            self.role_worker_mapping[Role.ActorRolloutRef] = self.role_worker_mapping.pop(Role.ActorRollout)
+            self.mapping[Role.ActorRolloutRef] = self.mapping.pop(Role.ActorRollout)
         for role in (Role.ActorRolloutRef, Role.RefPolicy):
             if role in self.role_worker_mapping:
                 self.role_worker_mapping[role] = ray.remote(OPDWorker)

@@ -15,6 +15,10 @@ exit code is 1 when any check failed. The checks, in order, one module each:
   exactly as ``python -m verl.trainer.main_ppo`` would do at start-up; then the data files
   and the run's resources vs this machine, with the driver's own checks. Keys of the run
   that are not given (rollout engine, data files, devices) are ``SKIP``: not checked.
+* ``plan`` (:mod:`.plan`, ``--plan``): per-GPU memory of the run in each phase (generation, the
+  log-prob passes, the update) from both models' ``config.json`` and the overrides, whether the
+  colocated teacher fits, and the highest ``gpu_memory_utilization`` that does
+  (:mod:`verl_opd.checks.memory_plan`).
 * ``selftest`` (:mod:`.selftest`, ``--selftest``): CPU numerics on tiny models built in a temp
   dir: teacher == student gives advantages of exactly 0, a distinct teacher a reverse KL > 0.
 
@@ -22,6 +26,7 @@ Usage::
 
     python verify_opd_implementation.py --student S --teacher T [--selftest] [hydra overrides...]
     verl-opd doctor --student S --teacher T [--config-name ppo_trainer] [hydra overrides...]
+    verl-opd doctor --plan --gpu-memory-gib 79.6 --student S --teacher T [hydra overrides...]
 
 Options come first, then the Hydra overrides (as with ``main_ppo``).
 """

@@ -11,6 +11,7 @@ from verl_opd.checks import overrides as hydra_overrides
 from verl_opd.checks.inputs import STUDENT_KEY, TEACHER_KEY
 from verl_opd.config.opd_config import VIEW_STUDENT
 from verl_opd.tools.doctor.config import DEFAULT_CONFIG_NAME, check_config
+from verl_opd.tools.doctor.plan import DEFAULT_GPU_MEMORY_GIB, check_plan
 from verl_opd.tools.doctor.report import FAIL, PASS, SECTIONS, SKIP, SUMMARY, WARN, Check
 from verl_opd.tools.doctor.selftest import run_selftest
 from verl_opd.tools.doctor.tokenizers import check_tokenizers
@@ -32,6 +33,17 @@ def add_doctor_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--selftest", action="store_true", help="also run the CPU numeric self-test on tiny models")
     parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="also print the per-GPU memory plan (needs only each model's config.json; see --gpu-memory-gib)",
+    )
+    parser.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        default=DEFAULT_GPU_MEMORY_GIB,
+        help=f"memory of one GPU for --plan, in GiB (default {DEFAULT_GPU_MEMORY_GIB}: an 80 GB H100)",
+    )
+    parser.add_argument(
         "--skip", action="append", default=[], choices=SECTIONS, help="skip a group of checks (repeatable)"
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as given to verl.trainer.main_ppo")
@@ -41,7 +53,7 @@ def add_doctor_parser(subparsers: argparse._SubParsersAction) -> None:
     """``verl-opd doctor``: the pre-flight checker as a ``verl-opd`` subcommand."""
     parser = subparsers.add_parser(
         "doctor",
-        help="pre-flight checks for an OPD run (versions, plugin, tokenizers, config, --selftest)",
+        help="pre-flight checks for an OPD run (versions, plugin, tokenizers, config, --plan, --selftest)",
         description=SUMMARY,
     )
     add_doctor_arguments(parser)
@@ -83,8 +95,10 @@ def run_doctor(args: argparse.Namespace, out: Callable[[str], None] | None = Non
         return 2
     if not args.selftest:
         skip.add("selftest")
+    if not args.plan:
+        skip.add("plan")
     if not have_models:
-        skip |= {"tokenizers", "config"}
+        skip |= {"tokenizers", "config", "plan"}
 
     out(f"verl-opd doctor (python {sys.executable})")
     results: list[Check] = []
@@ -99,6 +113,7 @@ def run_doctor(args: argparse.Namespace, out: Callable[[str], None] | None = Non
         ("plugin", check_plugin),
         ("tokenizers", lambda: check_tokenizers(student, teacher, view)),
         ("config", lambda: notes + check_config(overrides, args.config_name, student=student, teacher=teacher)),
+        ("plan", lambda: check_plan(overrides, args.config_name, student, teacher, args.gpu_memory_gib)),
         ("selftest", run_selftest),
     ]
     for name, run in sections:

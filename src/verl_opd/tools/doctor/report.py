@@ -6,7 +6,7 @@ import textwrap
 from dataclasses import dataclass
 
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
-SECTIONS = ("versions", "plugin", "tokenizers", "config", "selftest")
+SECTIONS = ("versions", "plugin", "tokenizers", "config", "plan", "selftest")
 SUMMARY = "``verl-opd doctor``: pre-flight checks for an OPD run, before any GPU time is spent."
 
 
