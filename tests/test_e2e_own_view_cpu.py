@@ -19,11 +19,19 @@ pytestmark = pytest.mark.e2e
 
 # The tiny prompts render to 68 tokens: 128 leaves them whole (a prompt the rollout cut is masked).
 PROMPT_LENGTH = 128
-KEYS = ("critic/advantages/max", "critic/advantages/min", "critic/advantages/mean", "opd/reverse_kl")
+KEYS = (
+    "critic/advantages/max",
+    "critic/advantages/min",
+    "critic/advantages/mean",
+    "opd/reverse_kl",
+    "opd/teacher_log_prob",
+    "actor/grad_norm",
+)
+STEPS = 3
 
 
-def _args(tiny, cpu_args, student, teacher, view: str) -> list[str]:
-    return cpu_args(tiny, steps=1, batch=8, student=student) + [
+def _args(tiny, cpu_args, student, teacher, view: str, steps: int = 1, batch: int = 8) -> list[str]:
+    return cpu_args(tiny, steps=steps, batch=batch, student=student) + [
         "algorithm.adv_estimator=opd",
         f"+opd.teacher.model_path={teacher}",
         f"+opd.teacher.view={view}",
@@ -50,21 +58,28 @@ def test_own_view_with_a_copy_of_the_student_gives_zero_advantage(tiny, trained_
 
 
 def test_own_view_matches_student_view_for_a_same_tokenizer_teacher(tiny, trained_pair, cpu_args, main_ppo, tmp_path):
-    """A distinct teacher with the student's tokenizer: ``view=own`` gives ``view=student``'s numbers (< 1e-5)."""
+    """A distinct teacher with the student's tokenizer: ``view=own`` gives ``view=student``'s numbers (< 1e-5).
+
+    One prompt per step, so the ``hf`` rollout server (seeded once, batching concurrent requests by
+    arrival) samples the same response in both runs; equal advantages then give equal updates, so
+    every step's samples match too.
+    """
     runs = {}
     # the well-trained model samples, the half-trained one teaches: the samples are valid, canonical text
     for view in ("student", "own"):
-        args = _args(tiny, cpu_args, trained_pair.teacher, trained_pair.student, view)
+        args = _args(tiny, cpu_args, trained_pair.teacher, trained_pair.student, view, steps=STEPS, batch=1)
         (tmp_path / view).mkdir()
         runs[view] = main_ppo(args, cwd=tmp_path / view)
         assert runs[view].returncode == 0, runs[view].tail()
-    student_view, own_view = runs["student"].steps[1], runs["own"].steps[1]
-    # same seed, same samples; the own view re-rendered and re-encoded them into the same one-token chunks
-    assert own_view["opd/xtok/one_to_one_chunk_frac"] == 1.0, own_view
-    assert own_view["opd/xtok/masked_token_frac"] == 0.0, own_view
-    assert abs(student_view["opd/reverse_kl"]) > 0.1, student_view  # a real teacher: the check is not 0 == 0
-    for key in KEYS:
-        assert abs(own_view[key] - student_view[key]) < 1e-5, (key, own_view[key], student_view[key])
+    assert sorted(runs["own"].steps) == sorted(runs["student"].steps) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        student_view, own_view = runs["student"].steps[step], runs["own"].steps[step]
+        # the own view re-rendered and re-encoded the same samples into one-token chunks
+        assert own_view["opd/xtok/one_to_one_chunk_frac"] == 1.0, own_view
+        assert own_view["opd/xtok/masked_token_frac"] == 0.0, own_view
+        assert abs(student_view["opd/reverse_kl"]) > 0.1, student_view  # a real teacher: the check is not 0 == 0
+        for key in KEYS:
+            assert abs(own_view[key] - student_view[key]) < 1e-5, (step, key, own_view[key], student_view[key])
 
 
 def test_teacher_only_context_trains_against_the_students_own_weights(tiny, trained_pair, cpu_args, main_ppo, tmp_path):
@@ -74,7 +89,7 @@ def test_teacher_only_context_trains_against_the_students_own_weights(tiny, trai
     carry the answer): the teacher's rendered prompt differs from the student's (logged once), so the
     same weights disagree with themselves and the reverse KL is non-zero; the run trains (two steps).
     """
-    student = trained_pair.student
+    student = trained_pair.teacher  # valid, canonical text: every chunk one token
     teacher = tmp_path / "self_teacher"
     shutil.copytree(student, teacher)
     args = _args(tiny, cpu_args, student, teacher, "own") + [

@@ -105,6 +105,7 @@ def own_view_checks(student_path: str, teacher_path: str) -> list[TokenizerCheck
     try:
         end_of_turn = teacher_end_of_turn(teacher)
         prompt = TeacherView(teacher, hf_model_type=model_type(teacher_path)).prompt_ids(list(PROBE_CHAT[:2]))
+        student_prompt = TeacherView(student, hf_model_type=model_type(student_path)).prompt_ids(list(PROBE_CHAT[:2]))
     except ValueError as exc:
         checks.append(TokenizerCheck("teacher chat template", False, str(exc)))
     else:
@@ -113,7 +114,7 @@ def own_view_checks(student_path: str, teacher_path: str) -> list[TokenizerCheck
                 "teacher chat template",
                 True,
                 f"end of turn {teacher.convert_ids_to_tokens(end_of_turn)}; the probe prompt renders as "
-                f"{teacher.decode(prompt)!r}",
+                f"{teacher.decode(prompt)!r} for the teacher, {student.decode(student_prompt)!r} for the student",
             )
         )
     return checks
