@@ -21,6 +21,7 @@ from verl.single_controller.base.decorator import Dispatch, register
 from verl.workers.config import FSDPOptimizerConfig, HFModelConfig, MtpConfig
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorkerConfig
 
+from verl_opd.glue import policy_loss
 from verl_opd.glue.precision import FP32HeadWorker
 
 logger = logging.getLogger(__name__)
@@ -94,11 +95,17 @@ class TeacherWorker(FP32HeadWorker):
 
 
 class OPDWorker(ActorRolloutRefWorker):
-    """verl's actor/rollout/ref worker with the teacher in the ref slot and fp32 LM heads on both models."""
+    """verl's actor/rollout/ref worker with the teacher in the ref slot and fp32 LM heads on both models.
+
+    With the recompute skipped (``opd.recompute`` resolved to ``never``) it also registers, in this
+    process where verl's update looks it up, the ``opd_onpolicy`` policy loss with the run's settings.
+    """
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_model(self) -> None:
         opd = self.config.opd
+        if opd.recompute == "never":
+            policy_loss.register(kl_coef=opd.kl_coef, discount=opd.discount)
         self.actor_worker_cls = FP32HeadWorker
         self.ref_worker_cls = functools.partial(
             TeacherWorker, teacher_path=opd.teacher.model_path, offload=opd.teacher.offload
