@@ -118,7 +118,9 @@ def test_recompute_free_gradient_equals_the_recompute_path(setup, discount, task
 
     recompute = _recompute_path_grad(setup, discount, task_coef, agg)
     assert recompute.abs().max() > 1e-3  # a real gradient
-    assert torch.allclose(recompute_free, recompute, rtol=0, atol=1e-6), (recompute_free - recompute).abs().max()
+    difference = (recompute_free - recompute).abs().max()
+    print(f"max |grad difference| {difference:.2e}, max |grad| {recompute.abs().max():.2e}")
+    assert difference <= 1e-6, difference
     # the test can tell: the rollout's log-probs as the student's, uncorrected, move the gradient far more than 1e-6
     uncorrected = _recompute_path_grad(setup, discount, task_coef, agg, old_lp=rollout)
     assert (uncorrected - recompute).abs().max() > 1e-4
