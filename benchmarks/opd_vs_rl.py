@@ -106,8 +106,11 @@ def verl_args(method: str, models: dict[str, Any], opts: argparse.Namespace, see
     return args
 
 
-def run_verl(method: str, models: dict[str, Any], opts: argparse.Namespace, seed: int, out: Path) -> dict[str, Any]:
-    command = [sys.executable, "-m", "verl.trainer.main_ppo", *verl_args(method, models, opts, seed, out)]
+def run_verl(
+    method: str, models: dict[str, Any], opts: argparse.Namespace, seed: int, out: Path, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """One verl run of ``method`` (plus the overrides ``extra``): its curves, step and stage times, memory."""
+    command = [sys.executable, "-m", "verl.trainer.main_ppo", *verl_args(method, models, opts, seed, out), *extra]
     code, output, wall, peak = run_measured(command, out, out / "run.log")
     steps = parse_step_metrics(output)
     if code != 0 or not any(s > 0 for s in steps):

@@ -22,6 +22,8 @@ def test_opd_bf16_compute_gives_fp32_log_probs(tiny, cpu_args, main_ppo, tmp_pat
         "algorithm.adv_estimator=opd",
         f"+opd.teacher.model_path={tiny.teacher}",
         "+opd.precision=bf16",
+        # the recompute is what this measures: skipped, the opd/* log-probs would be the fp32 rollout's
+        "+opd.recompute=always",
         "trainer.save_freq=-1",
     ]
     run = main_ppo(args, cwd=tmp_path)

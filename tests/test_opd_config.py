@@ -114,6 +114,9 @@ def test_shipped_config_needs_no_extra_keys(tiny):
         (["+opd.task_reward_coef=true"], "opd.task_reward_coef=True (bool) must be a number"),
         (["trainer.device=cpu", "+opd.teacher.offload=True"], "Set opd.teacher.offload=False"),
         (["+opd.precision=fp16"], "opd.precision='fp16'; use one of ('auto', 'fp32', 'bf16')"),
+        (["+opd.recompute=sometimes"], "opd.recompute='sometimes'; use one of ('auto', 'always', 'never')"),
+        # never skips the recompute or refuses, naming what makes skipping inexact
+        (["+opd.recompute=never", "actor_rollout_ref.actor.ppo_epochs=2"], "here actor_rollout_ref.actor.ppo_epochs=2"),
         (["+opd.teacher.dtype=float16"], "what both models compute in is opd.precision"),
         # fp32 compute with verl's default attention (FlashAttention, bf16/fp16 only), unset or explicit
         (["+opd.precision=fp32"], "(actor_rollout_ref.model.override_config.attn_implementation unset (verl's"),
@@ -167,6 +170,44 @@ def test_precision_sets_both_engines(tiny, extra, precision):
         }
     assert arr.ref.fsdp_config.model_dtype == "bf16"
     assert arr.opd.precision == precision
+
+
+ONE_UPDATE = ["data.train_batch_size=4", "actor_rollout_ref.actor.ppo_mini_batch_size=4"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "kept_because"),
+    [
+        ([], None),  # one on-policy update per step: skipped
+        (["+opd.recompute=never"], None),
+        (["actor_rollout_ref.actor.ppo_mini_batch_size=8"], None),  # a mini-batch larger than the step's batch
+        (["+opd.recompute=always"], "opd.recompute=always"),
+        (["actor_rollout_ref.actor.ppo_epochs=2"], "actor_rollout_ref.actor.ppo_epochs=2"),
+        (["actor_rollout_ref.actor.ppo_mini_batch_size=2"], "actor_rollout_ref.actor.ppo_mini_batch_size=2"),
+        # verl's sync trainer updates twice per step, each time on 4 of the 8 prompts: one mini-batch each
+        (["data.train_batch_size=8", "+trainer.v1.sync.parameter_sync_step=2"], None),
+        (["data.train_batch_size=8"], "actor_rollout_ref.actor.ppo_mini_batch_size=4 (< 8 prompts per update"),
+        (["actor_rollout_ref.actor.policy_loss.loss_mode=gspo"], "actor_rollout_ref.actor.policy_loss.loss_mode=gspo"),
+        (["algorithm.rollout_correction.rollout_is=token"], "algorithm.rollout_correction.rollout_is=token"),
+        (["algorithm.rollout_correction.rollout_rs=token_k1"], "algorithm.rollout_correction.rollout_rs=token_k1"),
+        (["+actor_rollout_ref.model.override_config.attention_dropout=0.1"], "the student's attention_dropout=0.1"),
+        (["+opd.teacher.view=own"], "opd.teacher.view=own"),  # chunk rewards: the loss corrects per token only
+    ],
+)
+def test_recompute_is_skipped_only_where_exact(tiny, caplog, extra, kept_because):
+    """Skipped: the onpolicy loss takes over and the log says why; kept: the log names the key that needs it."""
+    config = _compose(_opd(tiny, *ONE_UPDATE, *extra))
+    with caplog.at_level(logging.WARNING):
+        apply_opd_settings(config)
+    arr = config.actor_rollout_ref
+    if kept_because is None:
+        assert arr.opd.recompute == "never"
+        assert arr.actor.policy_loss.loss_mode == "opd_onpolicy"
+        assert "old_log_prob recompute skipped: exact because" in caplog.text
+    else:
+        assert arr.opd.recompute == "always"
+        assert arr.actor.policy_loss.loss_mode != "opd_onpolicy"
+        assert f"old_log_prob recompute kept because {kept_because}" in caplog.text
 
 
 def test_opd_node_shape_is_checked_against_the_dataclasses():

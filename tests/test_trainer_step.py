@@ -81,3 +81,14 @@ def test_rejection_sampling_masks_tokens_and_zeroes_their_advantage() -> None:
     # the metrics see every sampled token, the rejected one included
     assert metrics["opd/response_tokens"] == float(sampled.sum())
     assert metrics["opd/rollout_vs_train_log_prob_abs_diff_max"] == pytest.approx(3.0)
+
+
+def test_recompute_skipped_step_leaves_the_gap_and_the_correction_to_the_loss() -> None:
+    """old_log_probs are the rollout's: no rollout-correction pass, no gap metric (0 by construction)."""
+    proto = _proto()
+    output, metrics = opd_advantage_step(proto, UIDS, OPDConfig(), _algorithm(), [EOS], student_is_rollout=True)
+    b = proto.batch
+    expected, _ = compute_opd_advantage(b["old_log_probs"], b["ref_log_prob"], b["response_mask"])
+    assert torch.equal(output["advantages"], expected)
+    assert "response_mask" not in output  # verl's rollout correction did not run
+    assert not any(key.startswith(("rollout_corr/", "opd/rollout_vs_train")) for key in metrics), sorted(metrics)

@@ -10,6 +10,7 @@ thing, and sets the verl keys OPD needs, logging each change.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -37,6 +38,11 @@ ATTN_KEY = "actor_rollout_ref.model.override_config.attn_implementation"
 # verl's attention when ATTN_KEY is unset (verl/workers/config/model.py:185).
 VERL_DEFAULT_ATTN = "flash_attention_2"
 LEGACY_TEACHER_KEY = "actor_rollout_ref.ref.model.path"
+# opd.recompute: "auto" resolves to "never" where skipping verl's old_log_prob recompute is exact, else "always".
+RECOMPUTE_MODES = ("auto", "always", "never")
+# The policy loss that takes the student side of the advantage from the update's own forward (glue/policy_loss.py).
+ONPOLICY_LOSS = "opd_onpolicy"
+LOSS_MODE_KEY = "actor_rollout_ref.actor.policy_loss.loss_mode"
 
 
 # How an error message names the types the opd dataclasses' fields are annotated with.
@@ -91,6 +97,8 @@ class OPDConfig:
     # verl's sync replay buffer looks for a finished batch every 2 s, so a step's generation phase lasts a
     # whole number of 2-s ticks; OPD's trainer looks this often instead (see OPDTrainer._build_replay_buffer).
     sampler_poll_s: float = 0.2
+    # verl's old_log_prob recompute: one of RECOMPUTE_MODES, see resolve_recompute.
+    recompute: str = "auto"
 
     @classmethod
     def from_config(cls, config: DictConfig) -> OPDConfig:
@@ -129,6 +137,11 @@ class OPDConfig:
             raise OPDConfigError(f"opd.discount={self.discount} must be in [0, 1] (0 = per-token, the default).")
         if not (math.isfinite(self.task_reward_coef) and self.task_reward_coef >= 0):
             raise OPDConfigError(f"opd.task_reward_coef={self.task_reward_coef} must be a finite number >= 0.")
+        if self.recompute not in RECOMPUTE_MODES:
+            raise OPDConfigError(
+                f"opd.recompute={self.recompute!r}; use one of {RECOMPUTE_MODES} (auto: skip verl's old_log_prob "
+                "recompute where that is exact, always: keep it, never: skip it or refuse the run)."
+            )
         if not (math.isfinite(self.sampler_poll_s) and self.sampler_poll_s > 0):
             raise OPDConfigError(
                 f"opd.sampler_poll_s={self.sampler_poll_s} must be a finite number of seconds > 0 (default 0.2)."
@@ -217,6 +230,82 @@ def resolve_precision(config: DictConfig, opd: OPDConfig) -> str:
 def mixed_precision(precision: str) -> dict[str, str]:
     """verl's FSDP ``mixed_precision`` setting for an engine computing in ``precision`` (``fp32`` or ``bf16``)."""
     return {"param_dtype": precision, "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
+
+
+def _student_dropout(config: DictConfig) -> str | None:
+    """A dropout probability > 0 in the student's HF config (with ``override_config``), as ``name=value``.
+
+    verl's recompute runs the student in eval mode, its update in train mode
+    (verl/workers/engine_workers.py:365 and :422): with dropout the two forwards differ.
+    """
+    model = config.actor_rollout_ref.model
+    path = os.path.join(os.path.expanduser(str(model.path)), "config.json")
+    if not os.path.isfile(path):  # a hub id: verl reads it later; the driver cannot tell
+        return None
+    with open(path) as handle:
+        settings = {**json.load(handle), **(model.get("override_config") or {})}
+    for name, value in sorted(settings.items()):
+        is_dropout = "dropout" in name or name.endswith("pdrop")
+        if is_dropout and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return f"the student's {name}={value} (dropout: its update forward differs from the recompute's)"
+    return None
+
+
+def _recompute_blocker(config: DictConfig) -> str | None:
+    """The first setting under which the update's forward is not verl's old_log_prob recompute; None if none.
+
+    The recompute (verl/trainer/ppo/v1/trainer_base.py:584-586, ``_compute_old_log_prob``) runs the student on
+    the weights the update starts from. The update's forward sees the same weights, tokens and temperature
+    exactly when it makes a single optimizer step per batch (one epoch, one mini-batch), takes no
+    importance weights or rejections computed from ``old_log_probs``, uses the policy loss whose gradient at
+    ratio 1 is ``-A * grad log pi`` (verl's ``vanilla`` PPO clip), and the model has no dropout.
+    """
+    actor = config.actor_rollout_ref.actor
+    if actor.get("ppo_epochs", 1) != 1:
+        return f"actor_rollout_ref.actor.ppo_epochs={actor.ppo_epochs} (several passes over the batch)"
+    # verl's sync trainer updates parameter_sync_step times per step, each on train_batch_size / that many prompts
+    sync_steps = OmegaConf.select(config, "trainer.v1.sync.parameter_sync_step", default=1) or 1
+    per_update = config.data.train_batch_size // sync_steps
+    if actor.ppo_mini_batch_size < per_update:
+        return (
+            f"actor_rollout_ref.actor.ppo_mini_batch_size={actor.ppo_mini_batch_size} (< {per_update} prompts per "
+            "update: several optimizer steps, so later mini-batches see updated weights)"
+        )
+    loss_mode = OmegaConf.select(config, LOSS_MODE_KEY, default="vanilla")
+    if loss_mode != "vanilla":
+        return f"{LOSS_MODE_KEY}={loss_mode} (only vanilla's gradient at ratio 1 is the plain policy gradient)"
+    for name in ("rollout_is", "rollout_rs"):
+        value = OmegaConf.select(config, f"algorithm.rollout_correction.{name}")
+        if value is not None:
+            return f"algorithm.rollout_correction.{name}={value} (computed from old_log_probs)"
+    return _student_dropout(config)
+
+
+def resolve_recompute(config: DictConfig, opd: OPDConfig) -> tuple[str, str]:
+    """``opd.recompute`` resolved to ``always`` or ``never``, and the reason, for the start-up log.
+
+    ``auto``: ``never`` where skipping the recompute is exact (:func:`_recompute_blocker` finds nothing),
+    else ``always``. ``never`` where it is not exact is refused, naming the setting that prevents it.
+    """
+    if opd.recompute == "always":
+        return "always", "kept because opd.recompute=always"
+    blocker = _recompute_blocker(config)
+    if blocker is None and opd.teacher.view == VIEW_OWN:
+        # The on-policy loss corrects per-token KL rewards; the own view credits whole chunks (core/xtok.py).
+        blocker = f"opd.teacher.view={VIEW_OWN} (its rewards are per chunk; the on-policy loss corrects per token)"
+    if blocker is None:
+        return "never", (
+            "skipped: exact because each step is one on-policy update (ppo_epochs=1, one mini-batch, vanilla "
+            "policy loss, no rollout correction, no dropout); the student log-prob of the advantage comes from "
+            f"the update's own forward ({LOSS_MODE_KEY}={ONPOLICY_LOSS})"
+        )
+    if opd.recompute == "never":
+        raise OPDConfigError(
+            f"opd.recompute=never skips verl's old_log_prob recompute, which is exact only for one on-policy "
+            f"update per step; here {blocker}. Change that setting, or set opd.recompute=auto (keeps the "
+            "recompute where it is needed)."
+        )
+    return "always", f"kept because {blocker}"
 
 
 def _refuse_precision_conflicts(config: DictConfig, precision: str) -> None:
@@ -314,7 +403,7 @@ def _warn_biased_sampling(config: DictConfig) -> None:
         )
 
 
-def _opd_rules(config: DictConfig, opd: OPDConfig, precision: str) -> list[tuple[str, Any]]:
+def _opd_rules(config: DictConfig, opd: OPDConfig, precision: str, recompute: str) -> list[tuple[str, Any]]:
     arr = config.actor_rollout_ref
     rules: list[tuple[str, Any]] = [
         # verl builds a reference worker only when something reads a reference KL
@@ -323,7 +412,8 @@ def _opd_rules(config: DictConfig, opd: OPDConfig, precision: str) -> list[tuple
         # step that reads algorithm.kl_penalty / kl_ctrl, so those keys are left as they are.
         ("algorithm.use_kl_in_reward", True),
         ("trainer.v1.trainer_mode", TRAINER_MODE),
-        # The rollout's own log-probs are kept to log their gap to the recomputed ones.
+        # The rollout's own log-probs are kept to log their gap to the trainer's; with the recompute skipped
+        # they stand in for old_log_probs, from which the onpolicy loss corrects the advantage (glue/policy_loss.py).
         ("actor_rollout_ref.rollout.calculate_log_probs", True),
         # Both bodies compute in opd.precision; both heads in fp32 (verl_opd.glue.precision). verl's ref engine
         # config is ref.fsdp_config (verl/workers/config/actor.py:321), so this reaches the teacher's engine.
@@ -336,6 +426,8 @@ def _opd_rules(config: DictConfig, opd: OPDConfig, precision: str) -> list[tuple
     if not arr.ref.get("log_prob_use_dynamic_bsz", False) and arr.ref.get("log_prob_micro_batch_size_per_gpu") is None:
         micro = arr.rollout.get("log_prob_micro_batch_size_per_gpu") or arr.actor.get("ppo_micro_batch_size_per_gpu")
         rules.append(("actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu", micro))
+    if recompute == "never":
+        rules.append((LOSS_MODE_KEY, ONPOLICY_LOSS))
     return rules
 
 
@@ -361,10 +453,11 @@ def apply_opd_settings(config: DictConfig) -> list[str]:
     elif opd.check_tokenizers:
         assert_compatible_tokenizers(config.actor_rollout_ref.model.path, opd.teacher.model_path)
     check_resume_teacher(config, opd)
+    recompute, recompute_reason = resolve_recompute(config, opd)
 
     changes = []
     with open_dict(config):
-        for key, value in _opd_rules(config, opd, precision):
+        for key, value in _opd_rules(config, opd, precision, recompute):
             current = OmegaConf.select(config, key)
             if isinstance(current, DictConfig):
                 current = OmegaConf.to_container(current)
@@ -374,10 +467,11 @@ def apply_opd_settings(config: DictConfig) -> list[str]:
         # Workers only receive actor_rollout_ref: give them the opd node there, with an absolute
         # teacher path (Ray workers need not share the driver's working directory) and the precision resolved.
         teacher = dataclasses.replace(opd.teacher, model_path=os.path.abspath(opd.teacher.model_path))
-        resolved = dataclasses.replace(opd, teacher=teacher, precision=precision)
+        resolved = dataclasses.replace(opd, teacher=teacher, precision=precision, recompute=recompute)
         config.actor_rollout_ref.opd = OmegaConf.structured(resolved)
         if opd.teacher.view == VIEW_OWN:
             kwargs = OmegaConf.select(config, "data.apply_chat_template_kwargs", default=None)
             config.actor_rollout_ref[CHAT_TEMPLATE_KWARGS_KEY] = kwargs if kwargs is not None else {}
     logger.warning("verl-opd: algorithm.adv_estimator=opd applied: %s", ", ".join(changes) or "nothing to change")
+    logger.warning("verl-opd: old_log_prob recompute %s", recompute_reason)
     return changes

@@ -25,6 +25,7 @@ from verl.workers.config import FSDPOptimizerConfig, HFModelConfig, MtpConfig
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorkerConfig
 
 from verl_opd.config.opd_config import CHAT_TEMPLATE_KWARGS_KEY
+from verl_opd.glue import policy_loss
 from verl_opd.glue.own_view import OwnViewScorer
 from verl_opd.glue.precision import FP32HeadWorker
 
@@ -159,11 +160,17 @@ def _own_view_scorer(
 
 
 class OPDWorker(ActorRolloutRefWorker):
-    """verl's actor/rollout/ref worker with the teacher in the ref slot and fp32 LM heads on both models."""
+    """verl's actor/rollout/ref worker with the teacher in the ref slot and fp32 LM heads on both models.
+
+    With the recompute skipped (``opd.recompute`` resolved to ``never``) it also registers, in this
+    process where verl's update looks it up, the ``opd_onpolicy`` policy loss with the run's settings.
+    """
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_model(self) -> None:
         opd = self.config.opd
+        if opd.recompute == "never":
+            policy_loss.register(kl_coef=opd.kl_coef, discount=opd.discount)
         self.actor_worker_cls = FP32HeadWorker
         own_view = None
         if opd.teacher.view == "own":

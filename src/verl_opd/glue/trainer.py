@@ -14,10 +14,20 @@ places, plus one latency setting:
 3. checkpoints record which teacher they were distilled from;
 4. its replay buffer looks for finished rollouts every ``opd.sampler_poll_s`` (verl: every 2 s).
 
-Student log-prob: the training engine's recomputed ``old_log_probs``, not the
-rollout engine's. It is the same numerics that PPO's ratio uses at the update,
-so the advantage and the loss see one student; the rollout's log-probs are only
-compared with it (``opd/rollout_vs_train_log_prob_abs_diff_*``).
+Student log-prob: the training engine's, not the rollout engine's. It is the same
+numerics that PPO's ratio uses at the update, so the advantage and the loss see one
+student; the rollout's log-probs are only compared with it
+(``opd/rollout_vs_train_log_prob_abs_diff_*``). Which forward gives it depends on
+``opd.recompute`` (resolved in the driver, :func:`~verl_opd.config.opd_config.resolve_recompute`):
+
+* ``always``: verl's ``old_log_prob`` recompute, a forward of its own before the update;
+* ``never`` (where each step is one on-policy update, so that recompute equals the update's
+  forward): the update's own forward. The recompute is skipped, ``old_log_probs`` holds the
+  rollout's log-probs, the ``opd/*`` metrics of the advantage step are computed from those, and
+  the ``opd_onpolicy`` policy loss (:mod:`verl_opd.glue.policy_loss`) turns the advantage into the
+  exact one and measures the rollout-vs-train gap (its token mean only: verl averages a loss's
+  metrics over micro-batches, so no max). verl's ``actor/entropy`` and
+  ``training/rollout_probs_diff_*`` came from the recompute and are not logged.
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ from verl_opd.core.advantage import opd_token_rewards
 from verl_opd.core.metrics import eos_metrics, opd_metrics
 from verl_opd.core.xtok import KEPT, chunk_rewards, token_chunk_metrics
 from verl_opd.glue.own_view import XTOK_FIELDS
+from verl_opd.glue.policy_loss import pop_gap_metric
 from verl_opd.glue.teacher_worker import OPDWorker
 
 logger = logging.getLogger(__name__)
@@ -60,6 +71,7 @@ class OPDTrainer(PPOTrainerSync):
         # The driver's copy under actor_rollout_ref (apply_opd_settings): validated, teacher path absolute.
         # The top-level node may hold a path relative to the driver's directory, not this process's.
         self.opd = OPDConfig.from_config(config.actor_rollout_ref)
+        self._skip_recompute = self.opd.recompute == "never"
         # What each checkpoint records: fingerprinted once, as the teacher the run loads.
         self._teacher_identity = teacher_identity(self.opd)
         # verl's base class switches on async behaviour for any mode other than "sync".
@@ -114,12 +126,46 @@ class OPDTrainer(PPOTrainerSync):
         nested_mask = data["response_mask"]
         proto = DataProto(batch=data.to_padded_tensor())
         uids = np.array(proto.batch.pop("uid").tolist(), dtype=object)
-        output, step_metrics = opd_advantage_step(proto, uids, self.opd, self.config.algorithm, self._eos_token_ids())
+        output, step_metrics = opd_advantage_step(
+            proto, uids, self.opd, self.config.algorithm, self._eos_token_ids(), student_is_rollout=self._skip_recompute
+        )
         metrics.update(step_metrics)
         nested = TensorDict(
             {name: response_to_nested(value, nested_mask) for name, value in output.items()}, batch_size=len(batch)
         )
         return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=nested)
+
+    def _compute_old_log_prob(self, batch, metrics: dict):  # noqa: ANN001, ANN202 - verl's KVBatchMeta
+        """verl's recompute, or (recompute skipped) the rollout's log-probs in the ``old_log_probs`` slot.
+
+        verl's update reads ``old_log_probs`` (verl/workers/utils/losses.py:86); in the skipped mode the
+        ``opd_onpolicy`` loss corrects the advantage from them to the update's own log-probs, so they must
+        be finite on every sampled token.
+        """
+        if not self._skip_recompute:
+            return super()._compute_old_log_prob(batch, metrics)
+        fields = ["rollout_log_probs", "response_mask"]
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        if "rollout_log_probs" not in data.keys():
+            raise RuntimeError(
+                "opd.recompute skips verl's old_log_prob recompute and starts from the rollout's log-probs, but "
+                "this rollout returned none (rollout_log_probs). Set opd.recompute=always."
+            )
+        padded = data.to_padded_tensor()
+        rollout = padded["rollout_log_probs"]
+        if not torch.isfinite(rollout[padded["response_mask"].bool()]).all():
+            raise RuntimeError(
+                "The rollout reported a non-finite log-prob for a sampled token; with the recompute skipped the "
+                "advantage starts from those. Set opd.recompute=always (the trainer's recompute instead)."
+            )
+        data["old_log_probs"] = data.pop("rollout_log_probs")
+        return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=data.select("old_log_probs"))
+
+    def _update_actor(self, batch, metrics: dict):  # noqa: ANN001, ANN202 - verl's KVBatchMeta
+        """verl's update; the ``opd_onpolicy`` loss's rollout-vs-train gap logged as ``opd/...``."""
+        batch = super()._update_actor(batch, metrics)
+        pop_gap_metric(metrics)
+        return batch
 
     def _eos_token_ids(self) -> list[int]:
         """The ids that end a response: the tokenizer's EOS (verl's trainer holds the student's tokenizer)."""
@@ -133,7 +179,12 @@ class OPDTrainer(PPOTrainerSync):
 
 
 def opd_advantage_step(
-    proto: DataProto, uids: np.ndarray, opd: OPDConfig, algorithm: DictConfig, eos_token_ids: list[int]
+    proto: DataProto,
+    uids: np.ndarray,
+    opd: OPDConfig,
+    algorithm: DictConfig,
+    eos_token_ids: list[int],
+    student_is_rollout: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """One step's OPD advantage, in the order of verl's own advantage step, with the KL reward in place of its.
 
@@ -144,7 +195,8 @@ def opd_advantage_step(
     1. rollout correction (``algorithm.rollout_correction``), verl's own function, as verl applies it:
        importance weights ``rollout_is_weights`` for the policy loss and rejection sampling folded into
        ``response_mask``, both written back for the update. Rejected tokens get advantage 0.
-    2. the per-token KL reward ``r_t`` from the student's recomputed ``old_log_probs`` and the teacher's
+    2. the per-token KL reward ``r_t`` from the student's ``old_log_probs`` (verl's recompute, or the
+       rollout's where it is skipped: the ``opd_onpolicy`` loss then corrects it) and the teacher's
        ``ref_log_prob``;
     3. verl's registered ``opd`` estimator, looked up by name (``get_adv_estimator_fn``), with verl's
        ``uid`` groups and the task reward.
@@ -159,6 +211,8 @@ def opd_advantage_step(
         opd: the run's OPD settings.
         algorithm: verl's ``algorithm`` config node.
         eos_token_ids: ids that end a response, for the EOS metrics.
+        student_is_rollout: ``old_log_probs`` are the rollout's (recompute skipped): no rollout correction
+            (the driver keeps the recompute when one is set) and no gap metric here (the loss logs it).
 
     Returns:
         ``(fields to write back, metrics)``.
@@ -170,6 +224,8 @@ def opd_advantage_step(
     output: dict[str, torch.Tensor] = {}
     metrics: dict[str, float] = {}
 
+    if student_is_rollout:
+        rollout = None
     correction = algorithm.get("rollout_correction", None)
     if correction is not None and rollout is not None:
         # bypass_mode is refused in the driver (opd_config), so old_log_probs is a real recompute here.
