@@ -12,10 +12,10 @@ aligning them on bytes needs (both byte-level BPE, exact byte tables, a findable
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from typing import Any
+
+from verl_opd.teacher_view.render import config_json_value
 
 PROBE_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -54,14 +54,6 @@ def _load(path: str) -> Any:
 def _special_tokens(tokenizer: Any) -> dict[str, tuple[str | None, int | None]]:
     names = ("bos_token", "eos_token", "pad_token", "unk_token")
     return {name: (getattr(tokenizer, name), getattr(tokenizer, f"{name}_id")) for name in names}
-
-
-def _model_vocab_size(path: str) -> int | None:
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        return None
-    with open(config_file) as f:
-        return json.load(f).get("vocab_size")
 
 
 def own_view_checks(student_path: str, teacher_path: str) -> list[TokenizerCheck]:
@@ -122,15 +114,21 @@ def own_view_checks(student_path: str, teacher_path: str) -> list[TokenizerCheck
 
 def assert_own_view_supported(student_path: str, teacher_path: str) -> None:
     """Raise :class:`TokenizerMismatchError` naming every ``opd.teacher.view=own`` requirement the pair fails."""
-    failed = [c for c in own_view_checks(student_path, teacher_path) if not c.passed]
+    _raise_failed(
+        own_view_checks(student_path, teacher_path),
+        f"opd.teacher.view=own cannot align the teacher ({teacher_path}) with the student ({student_path}):",
+        "It aligns both tokenizations on the bytes of the text, which needs byte-level BPE tokenizers "
+        "(Qwen, Llama-3, DeepSeek-V3). Fix: use a teacher that shares the student's tokenizer, with "
+        "opd.teacher.view=student.",
+    )
+
+
+def _raise_failed(checks: list[TokenizerCheck], headline: str, fix: str) -> None:
+    """Raise :class:`TokenizerMismatchError` listing every failed check under ``headline``, then ``fix``."""
+    failed = [c for c in checks if not c.passed]
     if failed:
         lines = "\n".join(f"  - {c.name}: {c.detail}" for c in failed)
-        raise TokenizerMismatchError(
-            f"opd.teacher.view=own cannot align the teacher ({teacher_path}) with the student ({student_path}):\n"
-            f"{lines}\nIt aligns both tokenizations on the bytes of the text, which needs byte-level BPE tokenizers "
-            "(Qwen, Llama-3, DeepSeek-V3). Fix: use a teacher that shares the student's tokenizer, with "
-            "opd.teacher.view=student."
-        )
+        raise TokenizerMismatchError(f"{headline}\n{lines}\n{fix}")
 
 
 def compare_tokenizers(student_path: str, teacher_path: str) -> list[TokenizerCheck]:
@@ -151,7 +149,7 @@ def compare_tokenizers(student_path: str, teacher_path: str) -> list[TokenizerCh
         )
     )
 
-    teacher_rows = _model_vocab_size(teacher_path)
+    teacher_rows = config_json_value(teacher_path, "vocab_size")
     max_student_id = max(student_vocab.values())
     fits = teacher_rows is None or max_student_id < teacher_rows
     checks.append(
@@ -208,13 +206,11 @@ def compare_tokenizers(student_path: str, teacher_path: str) -> list[TokenizerCh
 
 def assert_compatible_tokenizers(student_path: str, teacher_path: str) -> None:
     """Raise :class:`TokenizerMismatchError` naming every failed check and the fix."""
-    failed = [c for c in compare_tokenizers(student_path, teacher_path) if not c.passed]
-    if failed:
-        lines = "\n".join(f"  - {c.name}: {c.detail}" for c in failed)
-        raise TokenizerMismatchError(
-            f"Teacher tokenizer ({teacher_path}) is not compatible with the student's ({student_path}):\n{lines}\n"
-            "With opd.teacher.view=student the teacher scores the student's token ids, so both must share one "
-            "tokenizer and chat template. Use a teacher from the same model family, or set opd.teacher.view=own (the "
-            "teacher reads the conversation in its own chat template and tokenizer), or (at your own risk) "
-            "opd.check_tokenizers=False."
-        )
+    _raise_failed(
+        compare_tokenizers(student_path, teacher_path),
+        f"Teacher tokenizer ({teacher_path}) is not compatible with the student's ({student_path}):",
+        "With opd.teacher.view=student the teacher scores the student's token ids, so both must share one "
+        "tokenizer and chat template. Use a teacher from the same model family, or set opd.teacher.view=own (the "
+        "teacher reads the conversation in its own chat template and tokenizer), or (at your own risk) "
+        "opd.check_tokenizers=False.",
+    )

@@ -276,9 +276,20 @@ def advantage_from_rewards(
     returns)``, equal, float32, 0 outside the mask.
     """
     advantages = discounted_reward_to_go(kl_rewards, response_mask, discount)
+    return with_task_advantage(advantages, response_mask, sequence_rewards, task_reward_coef, index)
+
+
+def with_task_advantage(
+    kl_advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    sequence_rewards: torch.Tensor | None,
+    task_reward_coef: float,
+    index: Sequence[Hashable] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, A)`` with ``A = kl_advantages + task_reward_coef * (R - b)`` (:func:`task_advantage`): the last
+    step of every OPD advantage, per token or per chunk (OPD has no critic: returns equal advantages)."""
     task = task_advantage(sequence_rewards, response_mask, task_reward_coef, index)
-    if task is not None:
-        advantages = advantages + task
+    advantages = kl_advantages if task is None else kl_advantages + task
     return advantages, advantages
 
 

@@ -40,7 +40,7 @@ from verl_opd.core.advantage import (
     _check_same_2d,
     discounted_reward_to_go,
     opd_token_rewards,
-    task_advantage,
+    with_task_advantage,
 )
 
 __all__ = [
@@ -485,10 +485,7 @@ def advantage_from_chunk_rewards(
     zero = torch.zeros((), dtype=returns_at_last.dtype, device=returns_at_last.device)
     chunk_returns = torch.zeros_like(returns_at_last).scatter_add_(1, index_, torch.where(last, returns_at_last, zero))
     advantages = torch.where(kept, chunk_returns.gather(1, index_), zero)
-    task = task_advantage(sequence_rewards, response_mask, task_reward_coef, index)
-    if task is not None:
-        advantages = advantages + task
-    return advantages, advantages
+    return with_task_advantage(advantages, response_mask, sequence_rewards, task_reward_coef, index)
 
 
 def compute_xtok_opd_advantage(

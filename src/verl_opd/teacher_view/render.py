@@ -104,13 +104,18 @@ def teacher_end_of_turn(tokenizer: Any, chat_template_kwargs: Mapping[str, Any] 
     )
 
 
-def model_type(model_path: str) -> str | None:
-    """``model_type`` of ``model_path``'s ``config.json`` (what verl picks its prompt renderer by), if any."""
+def config_json_value(model_path: str, key: str) -> Any:
+    """``key`` of ``model_path``'s ``config.json``, or None when there is no such file or key."""
     config_file = os.path.join(model_path, "config.json")
     if not os.path.isfile(config_file):
         return None
     with open(config_file) as f:
-        return json.load(f).get("model_type")
+        return json.load(f).get(key)
+
+
+def model_type(model_path: str) -> str | None:
+    """``model_type`` of ``model_path``'s ``config.json`` (what verl picks its prompt renderer by), if any."""
+    return config_json_value(model_path, "model_type")
 
 
 @dataclass
