@@ -181,12 +181,15 @@ def test_xtok_rates_targets_and_merge(bench, tmp_path) -> None:
 
     falling = [0.01] * 5 + [0.0] * 5 + [0.002] * 5  # first 5 steps 1%, last 5 steps 0.2%
     xtok = bench.summarize_method([run(0, 15, falling), run(1, 20, falling), run(2, None, falling)])
-    assert xtok["xtok"]["noncanonical_token_frac"] == {"first": 0.01, "last": 0.002, "max": 0.01}
+    rate = {"first": 0.01, "last": 0.002, "mean": pytest.approx(0.004), "max": 0.01, "nonzero_steps": 30}
+    assert xtok["xtok"]["noncanonical_token_frac"] == rate
     fast, low = bench.xtok_targets(xtok)
     assert "(median): 20 -> met" in fast and low.endswith("-> met")
-    rising = bench.summarize_method([run(0, 30, falling[::-1]), run(1, 30, [0.02] * 15)])
-    slow, high = bench.xtok_targets(rising)
-    assert slow.endswith("30 -> NOT met") and high.endswith("-> NOT met")
+    rising = bench.summarize_method([run(0, 30, falling[::-1]), run(1, 30, falling[::-1])])
+    slow, up = bench.xtok_targets(rising)
+    assert slow.endswith("30 -> NOT met") and up.endswith("last 5 1.00% -> NOT met")
+    high = bench.summarize_method([run(0, 10, [0.02] * 15)])
+    assert bench.xtok_targets(high)[1].endswith("-> NOT met")  # flat, but above 1%
 
     recorded = {
         "date": "2026-01-01",
@@ -217,7 +220,8 @@ def test_xtok_rates_targets_and_merge(bench, tmp_path) -> None:
     text = bench.write_markdown(
         {**again, "machine": "m", "setup": "s", "teacher_accuracy": 0.9, "student_accuracy": 0.2}, tmp_path / "r.md"
     )
-    assert "| opd_xtok | 1.00% / 0.20% (1.00%) |" in text and "Added 2026-01-03 (m): opd_xtok" in text
+    assert "| opd_xtok | noncanonical_token_frac | 1.00% | 0.20% | 0.40% | 1.00% | 30 |" in text
+    assert "Added 2026-01-03 (m): opd_xtok" in text
 
 
 def test_readme_shows_the_recorded_opd_vs_rl_table() -> None:
