@@ -22,7 +22,7 @@ import pytest
 from verl_opd.cpu.settings import CPU_ENV
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = {"opd", "grpo", "sft", "verl_distill"}  # the issue's required keys
+METHODS = {"opd", "grpo", "sft", "verl_distill", "opd_xtok"}  # the issues' required keys
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # verl's optional engines
 
 
@@ -58,8 +58,10 @@ def _opts(**changes: object) -> argparse.Namespace:
     return argparse.Namespace(**{**base, "test_freq": 5, "poll_s": 0.3, **changes})
 
 
-@pytest.mark.parametrize("method", ["opd", "grpo", "verl_distill"])
-def test_verl_methods_are_valid_configs_with_equal_samples(bench, method, tiny, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("method", ["opd", "grpo", "verl_distill", "opd_xtok"])
+def test_verl_methods_are_valid_configs_with_equal_samples(
+    bench, method, tiny, other_teacher, tmp_path, monkeypatch
+) -> None:
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
     from verl.utils.import_utils import load_extern_type
@@ -73,6 +75,7 @@ def test_verl_methods_are_valid_configs_with_equal_samples(bench, method, tiny, 
         monkeypatch.setenv(name, "unset-by-test")  # configure() exports the CPU platform; restored after
     monkeypatch.chdir(tmp_path)
     models = {role: str(getattr(tiny, role)) for role in ("student", "teacher", "train", "test")}
+    models["other_teacher"] = str(other_teacher)
     config = compose_opd_config(bench.verl_args(method, models, _opts(), seed=3, out=tmp_path), "ppo_trainer")
     configure(config)
     validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
@@ -82,10 +85,12 @@ def test_verl_methods_are_valid_configs_with_equal_samples(bench, method, tiny, 
     assert config.trainer.total_training_steps == (100 if method == "grpo" else 40)
     assert arr.model.path == str(tiny.student) and arr.actor.optim.lr == pytest.approx(3e-4)
     assert config.data.seed == 3 and arr.rollout.name == "hf"
-    if method == "opd":
+    if method in ("opd", "opd_xtok"):
         assert config.algorithm.adv_estimator == "opd" and config.trainer.v1.trainer_mode == "opd"
-        assert config.opd.teacher.model_path == str(tiny.teacher) and not config.distillation.enabled
-        assert config.opd.sampler_poll_s == 0.3
+        assert not config.distillation.enabled and config.opd.sampler_poll_s == 0.3
+        # opd_xtok: the teacher of another family, read in its own view (the driver refuses it in the student's)
+        teacher, view = (other_teacher, "own") if method == "opd_xtok" else (tiny.teacher, None)  # None: default
+        assert config.opd.teacher.model_path == str(teacher) and config.opd.teacher.get("view") == view
     else:  # verl's trainers get the same poll interval through verl's custom-sampler hook, as verl builds it
         sampler = config.trainer.v1.sampler
         buffer = load_extern_type(sampler.custom_sampler.path, sampler.custom_sampler.name)(
@@ -155,6 +160,68 @@ def test_summary_median_counts_misses_and_targets(bench) -> None:
     assert verdicts[0].endswith("3.0x -> NOT met") and verdicts[1].endswith("1.50x -> NOT met")
     only_distill = bench.targets({"opd": opd, "verl_distill": grpo_reaches}, grpo_run_steps=100)
     assert only_distill[0].endswith("not measured (a method has no result)")
+
+
+def test_xtok_rates_targets_and_merge(bench, tmp_path) -> None:
+    """opd_xtok's alignment rates are summarized first vs last, judged against issue 12, and merged into a record."""
+
+    def run(seed: int, reached: int | None, noncanonical: list[float]) -> dict:
+        curve = {str(step): value for step, value in enumerate(noncanonical, start=1)}
+        return {
+            "seed": seed,
+            "steps_to_90pct_teacher": reached,
+            "train_wall_s_to_90pct_teacher": reached,
+            "final_accuracy": 0.9,
+            "final_step": 40,
+            "accuracy_at_common_step": 0.9,
+            "step_time_s": 2.0,
+            "peak_rss_gib": 5.0,
+            "xtok_curves": {"noncanonical_token_frac": curve, "masked_token_frac": curve, "prompt_cut_frac": curve},
+        }
+
+    falling = [0.01] * 5 + [0.0] * 5 + [0.002] * 5  # first 5 steps 1%, last 5 steps 0.2%
+    xtok = bench.summarize_method([run(0, 15, falling), run(1, 20, falling), run(2, None, falling)])
+    rate = {"first": 0.01, "last": 0.002, "mean": pytest.approx(0.004), "max": 0.01, "nonzero_steps": 30}
+    assert xtok["xtok"]["noncanonical_token_frac"] == rate
+    fast, low = bench.xtok_targets(xtok)
+    assert "(median): 20 -> met" in fast and low.endswith("-> met")
+    rising = bench.summarize_method([run(0, 30, falling[::-1]), run(1, 30, falling[::-1])])
+    slow, up = bench.xtok_targets(rising)
+    assert slow.endswith("30 -> NOT met") and up.endswith("last 5 1.00% -> NOT met")
+    high = bench.summarize_method([run(0, 10, [0.02] * 15)])
+    assert bench.xtok_targets(high)[1].endswith("-> NOT met")  # flat, but above 1%
+
+    recorded = {
+        "date": "2026-01-01",
+        "settings": {"grpo_steps": 100, "steps": 40, "methods": ["opd"], "merge": False},
+        "methods": {"opd": xtok},
+    }
+    new = {
+        "date": "2026-01-02",
+        "machine": "m",
+        "total_wall_s": 9.0,
+        "settings": {"grpo_steps": 100, "steps": 30, "methods": ["opd_xtok"], "merge": True},
+        "methods": {"opd_xtok": xtok},
+    }
+    merged = bench.merge_results(recorded, new)
+    assert list(merged["methods"]) == ["opd", "opd_xtok"] and merged["date"] == "2026-01-01"
+    assert merged["added_runs"] == [
+        {
+            "methods": ["opd_xtok"],
+            "date": "2026-01-02",
+            "machine": "m",
+            "settings_changed": {"steps": 30},
+            "total_wall_s": 9.0,
+        }
+    ]
+    assert any(t.endswith("(median): 20 -> met") for t in merged["targets"])
+    again = bench.merge_results(merged, {**new, "date": "2026-01-03"})  # a re-run replaces the earlier addition
+    assert [a["date"] for a in again["added_runs"]] == ["2026-01-03"]
+    text = bench.write_markdown(
+        {**again, "machine": "m", "setup": "s", "teacher_accuracy": 0.9, "student_accuracy": 0.2}, tmp_path / "r.md"
+    )
+    assert "| opd_xtok | noncanonical_token_frac | 1.00% | 0.20% | 0.40% | 1.00% | 30 |" in text
+    assert "Added 2026-01-03 (m): opd_xtok" in text
 
 
 def test_readme_shows_the_recorded_opd_vs_rl_table() -> None:

@@ -113,7 +113,10 @@ def test_build_demo_models_shares_tokenizer_and_caches(tmp_path: Path, monkeypat
     habit = {**demo_models.DEMO_SETTINGS["students"]["habit"], "steps": 3}
     settings = {**demo_models.DEMO_SETTINGS, "digits": 1, "n_train": 20, "n_test": 10}
     settings.update(
-        teacher=tiny, students={"habit": habit, "small": {**tiny, "warmup_steps": 1}}, teacher_min_accuracy=0.0
+        teacher=tiny,
+        students={"habit": habit, "small": {**tiny, "warmup_steps": 1}},
+        other_teacher={**demo_models.DEMO_SETTINGS["other_teacher"], "steps": 3},
+        teacher_min_accuracy=0.0,
     )
     monkeypatch.setattr(demo_models, "DEMO_SETTINGS", settings)
     built = demo_models.build_demo_models(tmp_path)
@@ -130,13 +133,22 @@ def test_build_demo_models_shares_tokenizer_and_caches(tmp_path: Path, monkeypat
 
     small = demo_models.build_demo_models(tmp_path, student="small")  # the teacher is reused
     assert set(small["seconds"]) == {"student"} and small["teacher"] == built["teacher"]
+    other = demo_models.build_demo_models(tmp_path, other_teacher=True)  # only the other teacher is built
+    assert set(other["seconds"]) == {"other_teacher"} and 0.0 <= other["other_teacher_accuracy"] <= 1.0
+    for name in ("tokenizer.json", "chat_template.jinja"):  # its own tokenizer, a Llama so it loads as saved
+        assert (Path(other["other_teacher"]) / name).read_bytes() == (
+            Path(other["other_tokenizer"]) / name
+        ).read_bytes()
+        assert (Path(other["other_teacher"]) / name).read_bytes() != (Path(built["tokenizer"]) / name).read_bytes()
+    assert json.loads((Path(other["other_teacher"]) / "config.json").read_text())["model_type"] == "llama"
 
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("cached models must not be retrained")
 
     monkeypatch.setattr(demo_models, "sft_train", no_training)
-    again = demo_models.build_demo_models(tmp_path)
+    again = demo_models.build_demo_models(tmp_path, other_teacher=True)
     assert again["cached"] and again["teacher"] == built["teacher"]
+    assert again["other_teacher_accuracy"] == other["other_teacher_accuracy"]
     assert again["student_accuracy"] == built["student_accuracy"]
     with pytest.raises(AssertionError, match="retrained"):
         demo_models.build_demo_models(tmp_path, seed=1)  # other settings: rebuild
