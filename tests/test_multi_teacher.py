@@ -5,16 +5,32 @@ The end-to-end runs (real ``main_ppo``) are in ``test_e2e_multi_teacher_cpu.py``
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import shutil
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+import torch
+import verl.utils.tensordict_utils as tu
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
+from tensordict import NonTensorStack, TensorDict
 
+from verl_opd.checks.checkpoint_identity import check_resume_teacher, teacher_identity, write_teacher_identity
 from verl_opd.checks.inputs import check_teacher_routing
-from verl_opd.config.opd_config import OPDConfig, OPDConfigError, RoutedTeacherConfig, apply_opd_settings
+from verl_opd.config.opd_config import (
+    OPDConfig,
+    OPDConfigError,
+    RoutedTeacherConfig,
+    TeacherConfig,
+    apply_opd_settings,
+)
+from verl_opd.core.advantage import opd_token_rewards
+from verl_opd.core.metrics import per_teacher_metrics
 from verl_opd.core.routing import TeacherRoutes, dotted_field
+from verl_opd.glue.teacher_worker import TEACHER_INDEX_FIELD, TeacherSet
 
 SECOND_SOURCE = "lighteval/MATH"
 
@@ -150,3 +166,122 @@ def test_teacher_field_names_are_checked_and_take_precedence(tiny, tmp_path):
     config = _compose(_two_teachers(tiny, "+opd.teacher_field=extra_info.teacher", data=data))
     with pytest.raises(OPDConfigError, match=r"names teachers \['ghost'\] in extra_info.teacher"):
         check_teacher_routing(config)
+
+
+def _teachers(**paths_and_sources) -> OPDConfig:
+    """An ``opd.teachers`` config: name=(path, [data_source, ...])."""
+    return OPDConfig(
+        teachers={
+            name: RoutedTeacherConfig(model_path=str(path), data_sources=list(sources))
+            for name, (path, sources) in paths_and_sources.items()
+        }
+    )
+
+
+def _checkpoint(ckpt, opd: OPDConfig):
+    """A ``global_step_1`` folder recording ``opd``'s teachers, the latest of ``ckpt`` (no actor files needed)."""
+    write_teacher_identity(str(ckpt / "global_step_1"), teacher_identity(opd))
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("1")
+    return OmegaConf.create({"trainer": {"resume_mode": "auto", "default_local_dir": str(ckpt)}})
+
+
+def test_checkpoint_records_every_teacher_and_resume_with_the_same_set_passes(tiny, tmp_path, caplog):
+    opd = _teachers(copy=(tiny.student_copy, ["openai/gsm8k"]), big=(tiny.teacher, [SECOND_SOURCE]))
+    identity = teacher_identity(opd)
+    assert list(identity["teachers"]) == ["copy", "big"]
+    assert identity["teachers"]["big"]["model_path"] == str(tiny.teacher)
+    assert identity["teachers"]["big"]["data_sources"] == [SECOND_SOURCE]
+    assert identity["teachers"]["copy"]["fingerprint"] != identity["teachers"]["big"]["fingerprint"]
+    resume = _checkpoint(tmp_path / "ckpt", opd)
+    check_resume_teacher(resume, opd)  # same teachers: nothing raised
+    moved_sources = _teachers(copy=(tiny.student_copy, ["openai/gsm8k", "x"]), big=(tiny.teacher, [SECOND_SOURCE]))
+    with caplog.at_level(logging.WARNING):
+        check_resume_teacher(resume, moved_sources)
+    assert "opd.teachers.copy.data_sources changed: ['openai/gsm8k'] -> ['openai/gsm8k', 'x']" in caplog.text
+
+
+@pytest.mark.parametrize("change", ["swapped weights", "teacher added", "single teacher"])
+def test_resume_with_a_changed_teacher_set_is_refused(tiny, tmp_path, change):
+    opd = _teachers(copy=(tiny.student_copy, ["openai/gsm8k"]), big=(tiny.teacher, [SECOND_SOURCE]))
+    resume = _checkpoint(tmp_path / "ckpt", opd)
+    changed, expected = {
+        "swapped weights": (
+            _teachers(copy=(tiny.teacher, ["openai/gsm8k"]), big=(tiny.teacher, [SECOND_SOURCE])),
+            rf"teacher 'copy': {tiny.student_copy} \(fingerprint \w+\) -> {tiny.teacher}",
+        ),
+        "teacher added": (
+            _teachers(
+                copy=(tiny.student_copy, ["openai/gsm8k"]), big=(tiny.teacher, [SECOND_SOURCE]), c=(tiny.teacher, ["c"])
+            ),
+            r"teachers \['big', 'copy'\] -> \['big', 'c', 'copy'\]",
+        ),
+        "single teacher": (
+            OPDConfig(teacher=TeacherConfig(model_path=str(tiny.teacher))),
+            r"teachers \['big', 'copy'\] -> \['teacher'\]",
+        ),
+    }[change]
+    with pytest.raises(
+        OPDConfigError, match=rf"Refusing to resume .*global_step_1: it was distilled from other teachers \({expected}"
+    ):
+        check_resume_teacher(resume, changed)
+    # switching on purpose is allowed, and logged
+    check_resume_teacher(resume, dataclasses.replace(changed, allow_teacher_change=True))
+
+
+def test_per_teacher_kl_coef_and_metrics():
+    """Each sequence's reward uses its teacher's kl_coef; per-teacher metrics see only that teacher's rows."""
+    student = torch.tensor([[-1.0, -2.0], [-1.0, -1.0], [-3.0, -1.0]])
+    teacher = torch.tensor([[-1.0, -2.0], [-2.0, -3.0], [-1.0, -1.0]])
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1]])
+    index = torch.tensor([0, 1, 1])
+    rewards = opd_token_rewards(student, teacher, mask, torch.tensor([1.0, 2.0, 2.0])[index])
+    assert rewards.tolist() == [[0.0, 0.0], [-2.0, 0.0], [4.0, 0.0]]
+    metrics = per_teacher_metrics(student, teacher, mask, rewards, index, ["copy", "big", "idle"])
+    assert metrics["opd/copy/reverse_kl"] == 0.0 and metrics["opd/copy/samples"] == 1.0
+    assert metrics["opd/big/reverse_kl"] == pytest.approx((1.0 - 2.0 + 0.0) / 3)
+    assert metrics["opd/big/response_tokens"] == 3.0 and metrics["opd/big/teacher_log_prob"] == pytest.approx(-4 / 3)
+    assert metrics["opd/idle/samples"] == 0.0 and "opd/idle/reverse_kl" not in metrics
+    with pytest.raises(ValueError, match=r"kl_coef per sequence must have shape \(3,\)"):
+        opd_token_rewards(student, teacher, mask, torch.ones(2))
+
+
+class _FakeTeacher:
+    """Stands in for one TeacherWorker: 'log-probs' = input ids + 100 * its number; records what it ran."""
+
+    def __init__(self, number: int, micro: int) -> None:
+        self.number, self.calls = number, []
+        self.engine = SimpleNamespace(get_data_parallel_size=lambda: 1)
+        self.engine_config = SimpleNamespace(use_dynamic_bsz=False, infer_micro_batch_size_per_gpu=micro)
+
+    def infer_batch(self, data: TensorDict) -> TensorDict:
+        self.calls.append((len(data), tu.get(data, "micro_batch_size_per_gpu"), tu.get(data, "global_token_num")))
+        rows = [ids.float() + 100 * self.number for ids in data["input_ids"].unbind()]
+        out = TensorDict(
+            {"log_probs": torch.nested.as_nested_tensor(rows, layout=torch.jagged)}, batch_size=[len(rows)]
+        )
+        out.set_non_tensor("metrics", {"loss": float(self.number)})
+        return out
+
+
+def test_teacher_set_scores_each_row_with_its_own_teacher_and_keeps_the_order():
+    opd = _teachers(a=("/a", ["src/a"]), b=("/b", ["src/b"]), idle=("/c", ["src/c"]))
+    teacher_set = TeacherSet.__new__(TeacherSet)  # the routing and reassembly, without verl's engines
+    teacher_set.names, teacher_set.routes, teacher_set.teacher_field = ["a", "b", "idle"], opd.routes(), None
+    teacher_set.workers = [_FakeTeacher(k, micro=2) for k in range(3)]
+    sources = ["src/b", "src/a", "src/b", "src/b", "src/a"]
+    rows = [torch.arange(n + 1) for n in range(len(sources))]  # row r holds r + 1 tokens: order is visible
+    data = TensorDict({"input_ids": torch.nested.as_nested_tensor(rows, layout=torch.jagged)}, batch_size=[5])
+    data["data_source"] = NonTensorStack.from_list(sources)
+    tu.assign_non_tensor(data, global_token_num=[1, 2, 3, 4, 5], micro_batch_size_per_gpu=2)
+
+    out = teacher_set.infer_batch(data)
+    expected = [rows[r].float() + 100 * (0 if s == "src/a" else 1) for r, s in enumerate(sources)]
+    assert all(torch.equal(got, want) for got, want in zip(out["log_probs"].unbind(), expected, strict=True))
+    assert [int(i) for i in out[TEACHER_INDEX_FIELD].unbind()] == [1, 0, 1, 1, 0]
+    # a: its 2 rows in one micro-batch; b: 3 rows at micro 2 -> 2 even micro-batches of 2 (one padded row)
+    a_calls, b_calls, idle_calls = (w.calls for w in teacher_set.workers)
+    assert a_calls == [(2, 2, [2, 5])] and b_calls == [(4, 2, [1, 3, 4, 1])] and idle_calls == []
+    assert out.get("metrics").data == {"a/loss": 0.0, "b/loss": 1.0}
+    data["data_source"] = NonTensorStack.from_list(["src/a", "src/x", "src/a", "src/a", "src/a"])
+    with pytest.raises(ValueError, match=r"data_source='src/x' has no teacher among opd.teachers \['a', 'b', 'idle'\]"):
+        teacher_set.infer_batch(data)

@@ -33,7 +33,7 @@ TEACHER_VIEWS = (VIEW_STUDENT, VIEW_OWN)
 # Where the driver copies data.apply_chat_template_kwargs for the workers (they receive actor_rollout_ref
 # only): the teacher's own view renders its prompt with the same kwargs verl rendered the student's with.
 CHAT_TEMPLATE_KWARGS_KEY = "opd_chat_template_kwargs"
-_PRECISION_NAMES = {"float32": "fp32", "bfloat16": "bf16"}
+PRECISION_NAMES = {"float32": "fp32", "bfloat16": "bf16"}
 # opd.precision: "auto" resolves to "fp32" with trainer.device=cpu, else "bf16" (see resolve_precision).
 PRECISIONS = ("auto", "fp32", "bf16")
 ATTN_KEY = "actor_rollout_ref.model.override_config.attn_implementation"
@@ -458,7 +458,7 @@ def _opd_rules(config: DictConfig, opd: OPDConfig, precision: str) -> list[tuple
         # verl stores weights in model_dtype and only computes in the mixed-precision dtype:
         # a bf16 teacher saves memory only if it is also stored in bf16. With several teachers, each
         # teacher's engine takes its own dtype (glue.teacher_worker.TeacherSet); this is the first's.
-        ("actor_rollout_ref.ref.fsdp_config.model_dtype", _PRECISION_NAMES[opd.teacher_list()[0][2].dtype]),
+        ("actor_rollout_ref.ref.fsdp_config.model_dtype", PRECISION_NAMES[opd.teacher_list()[0][2].dtype]),
     ]
     if not arr.ref.get("log_prob_use_dynamic_bsz", False) and arr.ref.get("log_prob_micro_batch_size_per_gpu") is None:
         micro = arr.rollout.get("log_prob_micro_batch_size_per_gpu") or arr.actor.get("ppo_micro_batch_size_per_gpu")
