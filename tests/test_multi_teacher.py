@@ -282,6 +282,11 @@ def test_teacher_set_scores_each_row_with_its_own_teacher_and_keeps_the_order():
     a_calls, b_calls, idle_calls = (w.calls for w in teacher_set.workers)
     assert a_calls == [(2, 2, [2, 5])] and b_calls == [(4, 2, [1, 3, 4, 1])] and idle_calls == []
     assert out.get("metrics").data == {"a/loss": 0.0, "b/loss": 1.0}
+    # opd.teacher_field names a row's teacher over its data_source; rows without it fall back to data_source
+    teacher_set.teacher_field = "extra_info.teacher"
+    data["extra_info"] = NonTensorStack.from_list([{"teacher": "a"}, {}, {"teacher": "idle"}, {}, {"teacher": "b"}])
+    assert teacher_set.teacher_indices(data) == [0, 0, 2, 1, 1]
+    teacher_set.teacher_field = None
     data["data_source"] = NonTensorStack.from_list(["src/a", "src/x", "src/a", "src/a", "src/a"])
     with pytest.raises(ValueError, match=r"data_source='src/x' has no teacher among opd.teachers \['a', 'b', 'idle'\]"):
         teacher_set.infer_batch(data)
