@@ -98,12 +98,32 @@ def _settings(opd: OPDConfig) -> dict[str, Any]:
 
 
 def teacher_identity(opd: OPDConfig) -> dict[str, Any]:
-    """What a checkpoint records about its teacher."""
-    path = os.path.abspath(opd.teacher.model_path)
+    """What a checkpoint records about its teacher, or (``opd.teachers``) about each teacher by name.
+
+    Several teachers: ``teachers`` maps each name to its ``model_path``, ``fingerprint``, ``data_sources``
+    and ``kl_coef``; ``teacher_field`` is recorded beside them.
+    """
+    if not opd.teachers:
+        path = os.path.abspath(opd.teacher.model_path)
+        return {
+            "model_path": path,
+            "fingerprint_scheme": FINGERPRINT_SCHEME,
+            "fingerprint": teacher_fingerprint(path),
+            **_settings(opd),
+        }
+    teachers = {}
+    for name, teacher in opd.teachers.items():
+        path = os.path.abspath(teacher.model_path)
+        teachers[name] = {
+            "model_path": path,
+            "fingerprint": teacher_fingerprint(path),
+            "data_sources": list(teacher.data_sources),
+            "kl_coef": teacher.kl_coef,
+        }
     return {
-        "model_path": path,
         "fingerprint_scheme": FINGERPRINT_SCHEME,
-        "fingerprint": teacher_fingerprint(path),
+        "teachers": teachers,
+        "teacher_field": opd.teacher_field,
         **_settings(opd),
     }
 
@@ -209,9 +229,13 @@ def _identity_problem(step_dir: str) -> tuple[dict[str, Any] | None, str | None]
         return None, f"its teacher record {path} is damaged (not valid JSON: {error})"
     if not isinstance(recorded, dict):
         return None, f"its teacher record {path} is damaged (not a JSON object)"
-    missing = [key for key in ("model_path", "fingerprint") if not isinstance(recorded.get(key), str)]
-    if missing:
-        return None, f"its teacher record {path} is damaged (no {' or '.join(missing)} in it)"
+    records = _teacher_set(recorded)
+    if not isinstance(records, dict) or not records or not all(isinstance(r, dict) for r in records.values()):
+        return None, f"its teacher record {path} is damaged (teachers is not a mapping of names to records)"
+    for record in records.values():
+        missing = [key for key in ("model_path", "fingerprint") if not isinstance(record.get(key), str)]
+        if missing:
+            return None, f"its teacher record {path} is damaged (no {' or '.join(missing)} in it)"
     scheme = recorded.get("fingerprint_scheme", 1)
     if scheme not in _KNOWN_SCHEMES:
         return None, (
@@ -273,6 +297,10 @@ def check_resume_teacher(config: DictConfig, opd: OPDConfig) -> None:
             scheme,
             FINGERPRINT_SCHEME,
         )
+    if opd.teachers or "teachers" in recorded:
+        _check_teacher_set(folder, recorded, opd, scheme)
+        _warn_changed_settings(folder, recorded, opd)
+        return
     path = os.path.abspath(opd.teacher.model_path)
     fingerprint = teacher_fingerprint(path, scheme)
     if recorded["fingerprint"] != fingerprint:
@@ -286,3 +314,52 @@ def check_resume_teacher(config: DictConfig, opd: OPDConfig) -> None:
     elif recorded["model_path"] != path:
         logger.warning("verl-opd: the teacher moved (%s -> %s), same fingerprint", recorded["model_path"], path)
     _warn_changed_settings(folder, recorded, opd)
+
+
+def _teacher_set(recorded: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A record's teachers by name; a one-teacher record (``opd.teacher``) is the set ``{"teacher": ...}``."""
+    return recorded.get("teachers", {"teacher": recorded})
+
+
+def _check_teacher_set(folder: str, recorded: dict[str, Any], opd: OPDConfig, scheme: int) -> None:
+    """Refuse a resume whose teachers differ from the checkpoint's: a name added or dropped, or other weights.
+
+    A teacher that moved (same fingerprint) is logged; changed ``data_sources`` or ``kl_coef`` are logged as a
+    change of the training target, like the global settings (:func:`_warn_changed_settings`).
+    """
+    before = _teacher_set(recorded)
+    now = {name: teacher for name, _, teacher in opd.teacher_list()}
+    changes = []
+    if set(before) != set(now):
+        changes.append(f"teachers {sorted(before)} -> {sorted(now)}")
+    for name in sorted(set(before) & set(now)):
+        path = os.path.abspath(now[name].model_path)
+        fingerprint = teacher_fingerprint(path, scheme)
+        if before[name]["fingerprint"] != fingerprint:
+            changes.append(
+                f"teacher {name!r}: {before[name]['model_path']} (fingerprint {before[name]['fingerprint'][:12]}) -> "
+                f"{path} (fingerprint {fingerprint[:12]})"
+            )
+            continue
+        if before[name]["model_path"] != path:
+            logger.warning(
+                "verl-opd: teacher %r moved (%s -> %s), same fingerprint", name, before[name]["model_path"], path
+            )
+        for key in ("data_sources", "kl_coef"):
+            if key in before[name] and before[name][key] != getattr(now[name], key, None):
+                logger.warning(
+                    "verl-opd: resuming %s with opd.teachers.%s.%s changed: %s -> %s (the training target changes "
+                    "from this step on)",
+                    folder,
+                    name,
+                    key,
+                    before[name][key],
+                    getattr(now[name], key, None),
+                )
+    if changes:
+        _refuse_or_warn(
+            opd,
+            f"Refusing to resume {folder}: it was distilled from other teachers ({'; '.join(changes)}). Resume with "
+            "the same opd.teachers (or opd.teacher), start in a new trainer.default_local_dir, or set "
+            "opd.allow_teacher_change=True to switch teachers on purpose.",
+        )

@@ -14,7 +14,8 @@ import os
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from verl_opd.config.opd_config import OPDConfigError
+from verl_opd.config.opd_config import OPDConfig, OPDConfigError
+from verl_opd.core.routing import dotted_field
 
 STUDENT_KEY = "actor_rollout_ref.model.path"
 TEACHER_KEY = "opd.teacher.model_path"
@@ -94,3 +95,48 @@ def check_data_files(config: DictConfig, key: str) -> list[str]:
     for path in local:
         check_data_file(path, key, prompt_column(config))
     return local
+
+
+def _routing_samples(path: str, teacher_field: str | None) -> list[tuple[object, object]]:
+    """The distinct ``(data_source, opd.teacher_field value)`` pairs of a parquet file (only those columns read)."""
+    import pyarrow.parquet as pq
+
+    columns = pq.ParquetFile(path).schema_arrow.names
+    top = teacher_field.split(".")[0] if teacher_field else None
+    wanted = [name for name in ("data_source", top) if name in columns]
+    rows = pq.read_table(path, columns=wanted).to_pylist()
+    return sorted(
+        {(row.get("data_source"), dotted_field(row, teacher_field) if teacher_field else None) for row in rows},
+        key=str,
+    )
+
+
+def check_teacher_routing(config: DictConfig) -> None:
+    """Refuse local parquet data with a sample no teacher of ``opd.teachers`` would score, naming the values.
+
+    The reference worker routes each sample by :meth:`verl_opd.core.routing.TeacherRoutes.index`; a sample it
+    cannot route would stop the run at its first step, after every model loaded. Only the ``data_source``
+    column and the top-level column of ``opd.teacher_field`` are read.
+    """
+    opd = OPDConfig.from_config(config)
+    if not opd.teachers:
+        return
+    routes = opd.routes()
+    for key in DATA_KEYS:
+        for path in data_files(config, key):
+            local = os.path.expanduser(path)
+            if "://" in path or not local.endswith(".parquet"):
+                continue
+            sources, names = routes.uncovered(_routing_samples(local, opd.teacher_field))
+            if names:
+                raise OPDConfigError(
+                    f"{key}: {path!r} names teachers {names} in {opd.teacher_field} (opd.teacher_field), but the "
+                    f"teachers are {list(routes.names)}: add opd.teachers.<name> for them, or fix those rows."
+                )
+            if sources:
+                raise OPDConfigError(
+                    f"{key}: {path!r} has data_source values {sources} that no teacher scores (opd.teachers."
+                    f"<name>.data_sources cover {sorted(routes.by_source)}). Add each to a teacher's list, e.g. "
+                    f'"+opd.teachers.{routes.names[0]}.data_sources=[...,{sources[0]}]", or name the teacher per '
+                    "sample with opd.teacher_field=extra_info.teacher."
+                )

@@ -605,8 +605,9 @@ def _budget(
 def inputs_from_config(config: Any, gpu_memory_gib: float) -> PlanInputs:
     """:class:`PlanInputs` from a composed verl config (before verl-opd's driver hook: it reads ``opd.*`` itself).
 
-    The student is ``actor_rollout_ref.model.path``, the teacher ``opd.teacher.model_path``; only
-    their ``config.json`` files are read.
+    The student is ``actor_rollout_ref.model.path``, the teacher ``opd.teacher.model_path`` or every
+    ``opd.teachers.<name>.model_path`` (each counted, resident or offloaded); only their ``config.json``
+    files are read.
     """
     from omegaconf import OmegaConf
 
@@ -614,8 +615,11 @@ def inputs_from_config(config: Any, gpu_memory_gib: float) -> PlanInputs:
 
     arr = config.actor_rollout_ref
     opd = OPDConfig.from_config(config)
-    if not opd.teacher.model_path:
-        raise MemoryPlanError("no teacher to plan for: pass --teacher PATH (opd.teacher.model_path).")
+    if not all(teacher.model_path for _, _, teacher in opd.teacher_list()):
+        raise MemoryPlanError(
+            "no teacher to plan for: pass --teacher PATH (opd.teacher.model_path), or give every "
+            "opd.teachers.<name>.model_path."
+        )
     precision = resolve_precision(config, opd)
     seq_len = int(config.data.max_prompt_length) + int(config.data.max_response_length)
     sp = int(OmegaConf.select(arr, "actor.ulysses_sequence_parallel_size", default=1) or 1)
@@ -647,23 +651,28 @@ def inputs_from_config(config: Any, gpu_memory_gib: float) -> PlanInputs:
         lora_rank=int(lora),
         lora_target_modules=targets if isinstance(targets, str) else tuple(targets),
     )
-    teacher = TeacherRun(
-        shape=ModelShape.from_path(opd.teacher.model_path),
-        storage_bytes=dtype_bytes(opd.teacher.dtype, "opd.teacher.dtype"),
-        offload=opd.teacher.offload,
-        # verl-opd defaults the teacher's micro-batch to the rollout's, then the actor's (opd_config._opd_rules)
-        log_prob_budget=_budget(
-            arr,
-            seq_len,
-            sp,
-            "ref.log_prob_use_dynamic_bsz",
-            "ref.log_prob_max_token_len_per_gpu",
-            (
-                "ref.log_prob_micro_batch_size_per_gpu",
-                "rollout.log_prob_micro_batch_size_per_gpu",
-                "actor.ppo_micro_batch_size_per_gpu",
-            ),
+    # verl-opd defaults the teachers' micro-batch to the rollout's, then the actor's (opd_config._opd_rules);
+    # every teacher of the ref slot shares the ref's micro-batch settings.
+    teacher_budget = _budget(
+        arr,
+        seq_len,
+        sp,
+        "ref.log_prob_use_dynamic_bsz",
+        "ref.log_prob_max_token_len_per_gpu",
+        (
+            "ref.log_prob_micro_batch_size_per_gpu",
+            "rollout.log_prob_micro_batch_size_per_gpu",
+            "actor.ppo_micro_batch_size_per_gpu",
         ),
+    )
+    teachers = tuple(
+        TeacherRun(
+            shape=ModelShape.from_path(teacher.model_path),
+            storage_bytes=dtype_bytes(teacher.dtype, f"{key}.dtype"),
+            offload=teacher.offload,
+            log_prob_budget=teacher_budget,
+        )
+        for _, key, teacher in opd.teacher_list()
     )
     rollout = RolloutRun(
         tensor_parallel=int(arr.rollout.tensor_model_parallel_size),
@@ -672,4 +681,4 @@ def inputs_from_config(config: Any, gpu_memory_gib: float) -> PlanInputs:
         free_cache_engine=bool(arr.rollout.free_cache_engine),
     )
     cluster = Cluster(int(config.trainer.n_gpus_per_node), int(config.trainer.nnodes), float(gpu_memory_gib))
-    return PlanInputs(cluster, student, (teacher,), rollout, DTYPE_BYTES[precision])
+    return PlanInputs(cluster, student, teachers, rollout, DTYPE_BYTES[precision])

@@ -14,11 +14,14 @@ import json
 import logging
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from verl_opd.core.routing import TeacherRoutes
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ TEACHER_VIEWS = (VIEW_STUDENT, VIEW_OWN)
 # Where the driver copies data.apply_chat_template_kwargs for the workers (they receive actor_rollout_ref
 # only): the teacher's own view renders its prompt with the same kwargs verl rendered the student's with.
 CHAT_TEMPLATE_KWARGS_KEY = "opd_chat_template_kwargs"
-_PRECISION_NAMES = {"float32": "fp32", "bfloat16": "bf16"}
+PRECISION_NAMES = {"float32": "fp32", "bfloat16": "bf16"}
 # opd.precision: "auto" resolves to "fp32" with trainer.device=cpu, else "bf16" (see resolve_precision).
 PRECISIONS = ("auto", "fp32", "bf16")
 ATTN_KEY = "actor_rollout_ref.model.override_config.attn_implementation"
@@ -43,6 +46,10 @@ RECOMPUTE_MODES = ("auto", "always", "never")
 # The policy loss that takes the student side of the advantage from the update's own forward (glue/policy_loss.py).
 ONPOLICY_LOSS = "opd_onpolicy"
 LOSS_MODE_KEY = "actor_rollout_ref.actor.policy_loss.loss_mode"
+# opd.teachers.<name>: a name becomes part of metric keys (opd/<name>/reverse_kl) and of checkpoint records.
+_TEACHER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# Per-teacher metric keys would shadow the global ones under these names.
+_RESERVED_TEACHER_NAMES = frozenset({"xtok"})
 
 
 # How an error message names the types the opd dataclasses' fields are annotated with.
@@ -82,11 +89,28 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True)
+class RoutedTeacherConfig(TeacherConfig):
+    """One of several teachers, ``opd.teachers.<name>``: a :class:`TeacherConfig` plus what it scores.
+
+    ``data_sources``: the verl ``data_source`` values of the samples this teacher scores (each value
+    belongs to one teacher). ``kl_coef``: this teacher's ``opd.kl_coef`` (null: the global one).
+    A dataset field named by ``opd.teacher_field`` overrides ``data_sources`` per sample.
+    """
+
+    data_sources: list[str] = field(default_factory=list)
+    kl_coef: float | None = None
+
+
+@dataclass(frozen=True)
 class OPDConfig:
     """OPD's knobs (see ``opd-spec``): ``r_t = -kl_coef * (log pi_S - log pi_T)``, discounted by ``discount``,
     plus ``task_reward_coef * (R - group mean R)`` on every response token."""
 
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # Several teachers in the reference slot, by name (opd.teacher is then left unset), and the dotted
+    # dataset field (extra_info.teacher) that names a sample's teacher, taking precedence over data_source.
+    teachers: dict[str, RoutedTeacherConfig] = field(default_factory=dict)
+    teacher_field: str | None = None
     # Compute precision of both models (spec rule 10); one of PRECISIONS, see resolve_precision.
     precision: str = "auto"
     kl_coef: float = 1.0
@@ -107,25 +131,32 @@ class OPDConfig:
         values = OmegaConf.to_container(node, resolve=True) if node is not None else {}
         return _build(cls, values, "opd")
 
+    def teacher_list(self) -> list[tuple[str, str, TeacherConfig]]:
+        """``(name, config key, settings)`` of every teacher: ``opd.teachers``' in order, or ``opd.teacher``."""
+        if self.teachers:
+            return [(name, f"opd.teachers.{name}", teacher) for name, teacher in self.teachers.items()]
+        return [("teacher", "opd.teacher", self.teacher)]
+
+    def routes(self) -> TeacherRoutes:
+        """Which teacher of ``opd.teachers`` scores which ``data_source`` (see :mod:`verl_opd.core.routing`)."""
+        return TeacherRoutes.of({name: teacher.data_sources for name, teacher in self.teachers.items()})
+
+    def teacher_kl_coefs(self) -> list[float]:
+        """Each teacher's KL coefficient, in :meth:`teacher_list` order (a teacher's own, else ``opd.kl_coef``)."""
+        return [getattr(t, "kl_coef", None) or self.kl_coef for _, _, t in self.teacher_list()]
+
     def validate(self) -> None:
         """Raise :class:`OPDConfigError` for values of the wrong type or that the math does not allow."""
         _check_types(self, "opd")
-        if not self.teacher.model_path:
+        if self.teachers:
+            self._validate_teacher_set()
+        elif self.teacher_field is not None:
             raise OPDConfigError(
-                "algorithm.adv_estimator=opd needs a teacher: set opd.teacher.model_path=<path to the teacher model> "
-                "(with the stock verl config: +opd.teacher.model_path=...)."
+                f"opd.teacher_field={self.teacher_field!r} names each sample's teacher among opd.teachers.<name>, "
+                "but no opd.teachers are given: add them, or remove opd.teacher_field."
             )
-        if not os.path.isfile(os.path.join(self.teacher.model_path, "config.json")):
-            raise OPDConfigError(
-                f"opd.teacher.model_path={self.teacher.model_path!r} is not a readable Hugging Face model directory "
-                "(no config.json there). Point it at a local directory saved with save_pretrained."
-            )
-        if self.teacher.dtype not in TEACHER_DTYPES:
-            raise OPDConfigError(
-                f"opd.teacher.dtype={self.teacher.dtype!r}; use one of {TEACHER_DTYPES}. It sets how the teacher's "
-                "weights are stored; what both models compute in is opd.precision (auto, fp32 or bf16)."
-            )
-        self._validate_view()
+        for _, key, teacher in self.teacher_list():
+            _validate_teacher(teacher, key)
         if self.precision not in PRECISIONS:
             raise OPDConfigError(
                 f"opd.precision={self.precision!r}; use one of {PRECISIONS} (auto: fp32 with trainer.device=cpu, "
@@ -147,25 +178,87 @@ class OPDConfig:
                 f"opd.sampler_poll_s={self.sampler_poll_s} must be a finite number of seconds > 0 (default 0.2)."
             )
 
-    def _validate_view(self) -> None:
-        """``opd.teacher.view`` and the keys only ``view=own`` reads (no tokenizer loaded yet)."""
-        teacher = self.teacher
-        if teacher.view not in TEACHER_VIEWS:
+    def _validate_teacher_set(self) -> None:
+        """``opd.teachers``: not mixed with ``opd.teacher``, usable names, each ``data_source`` owned once."""
+        given = [f"opd.teacher.{f.name}" for f in dataclasses.fields(TeacherConfig) if _differs(self.teacher, f)]
+        if given:
             raise OPDConfigError(
-                f"opd.teacher.view={teacher.view!r}; use one of {TEACHER_VIEWS} (student: the teacher scores the "
-                "student's token ids; own: it reads the conversation in its own chat template and tokenizer)."
+                f"Both opd.teacher ({', '.join(given)}) and opd.teachers ({', '.join(self.teachers)}) are given. "
+                "opd.teacher is the one-teacher shorthand: remove it, or move it under opd.teachers.<name>."
             )
-        for key in ("system_prompt", "context_key"):
-            if teacher.view == VIEW_STUDENT and getattr(teacher, key) is not None:
+        owner: dict[str, str] = {}
+        for name, teacher in self.teachers.items():
+            key = f"opd.teachers.{name}"
+            if not _TEACHER_NAME.fullmatch(name) or name in _RESERVED_TEACHER_NAMES:
                 raise OPDConfigError(
-                    f"opd.teacher.{key} is read only when the teacher reads its own view of the conversation: "
-                    f"set opd.teacher.view={VIEW_OWN}, or remove opd.teacher.{key}."
+                    f"{key}: a teacher's name becomes part of metric keys (opd/<name>/reverse_kl); use letters, "
+                    f"digits, '_' or '-', and none of {sorted(_RESERVED_TEACHER_NAMES)}."
                 )
-        key = teacher.context_key
-        if key is not None and not all(part.strip() for part in key.split(".")):
+            if teacher.view != VIEW_STUDENT:
+                raise OPDConfigError(
+                    f"{key}.view={teacher.view!r}: several teachers score the student's token ids only "
+                    f"(view={VIEW_STUDENT}); a teacher that reads its own view must be the only one (opd.teacher.*)."
+                )
+            if not teacher.data_sources and self.teacher_field is None:
+                raise OPDConfigError(
+                    f"{key}.data_sources is empty, so teacher {name!r} would score no sample. Give it the data_source "
+                    f'values it scores ("+{key}.data_sources=[openai/gsm8k]"), or name teachers per sample with '
+                    "opd.teacher_field=extra_info.teacher."
+                )
+            for source in teacher.data_sources:
+                if source in owner:
+                    raise OPDConfigError(
+                        f"data_source {source!r} is listed by both opd.teachers.{owner[source]}.data_sources and "
+                        f"{key}.data_sources; each data_source is scored by one teacher: keep it in one list."
+                    )
+                owner[source] = name
+            if teacher.kl_coef is not None and not (math.isfinite(teacher.kl_coef) and teacher.kl_coef > 0):
+                raise OPDConfigError(f"{key}.kl_coef={teacher.kl_coef} must be a finite number > 0 (or null).")
+        field_key = self.teacher_field
+        if field_key is not None and not all(part.strip() for part in field_key.split(".")):
             raise OPDConfigError(
-                f"opd.teacher.context_key={key!r} must be a dotted dataset field such as extra_info.solution."
+                f"opd.teacher_field={field_key!r} must be a dotted dataset field such as extra_info.teacher."
             )
+
+
+def _differs(teacher: TeacherConfig, spec: dataclasses.Field) -> bool:
+    """Whether ``teacher``'s field ``spec`` was given a value other than its default."""
+    return getattr(teacher, spec.name) != spec.default
+
+
+def _validate_teacher(teacher: TeacherConfig, key: str) -> None:
+    """One teacher's settings at config key ``key`` (``opd.teacher`` or ``opd.teachers.<name>``)."""
+    if not teacher.model_path:
+        raise OPDConfigError(
+            f"algorithm.adv_estimator=opd needs a teacher: set {key}.model_path=<path to the teacher model> "
+            f"(with the stock verl config: +{key}.model_path=...)."
+        )
+    if not os.path.isfile(os.path.join(teacher.model_path, "config.json")):
+        raise OPDConfigError(
+            f"{key}.model_path={teacher.model_path!r} is not a readable Hugging Face model directory "
+            "(no config.json there). Point it at a local directory saved with save_pretrained."
+        )
+    if teacher.dtype not in TEACHER_DTYPES:
+        raise OPDConfigError(
+            f"{key}.dtype={teacher.dtype!r}; use one of {TEACHER_DTYPES}. It sets how the teacher's "
+            "weights are stored; what both models compute in is opd.precision (auto, fp32 or bf16)."
+        )
+    if teacher.view not in TEACHER_VIEWS:
+        raise OPDConfigError(
+            f"{key}.view={teacher.view!r}; use one of {TEACHER_VIEWS} (student: the teacher scores the "
+            "student's token ids; own: it reads the conversation in its own chat template and tokenizer)."
+        )
+    for name in ("system_prompt", "context_key"):
+        if teacher.view == VIEW_STUDENT and getattr(teacher, name) is not None:
+            raise OPDConfigError(
+                f"{key}.{name} is read only when the teacher reads its own view of the conversation: "
+                f"set {key}.view={VIEW_OWN}, or remove {key}.{name}."
+            )
+    context = teacher.context_key
+    if context is not None and not all(part.strip() for part in context.split(".")):
+        raise OPDConfigError(
+            f"{key}.context_key={context!r} must be a dotted dataset field such as extra_info.solution."
+        )
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -177,9 +270,7 @@ def _field_types(cls: type) -> dict[str, Any]:
 def _build(cls: type[_Node], values: Any, prefix: str) -> _Node:
     """Build dataclass ``cls`` from the config mapping at ``prefix``, refusing keys it does not have."""
     types = _field_types(cls)
-    valid = sorted(
-        f"{prefix}.{name}.*" if dataclasses.is_dataclass(kind) else f"{prefix}.{name}" for name, kind in types.items()
-    )
+    valid = sorted(_key_pattern(prefix, name, kind) for name, kind in types.items())
     if not isinstance(values, dict):
         raise OPDConfigError(f"{prefix}={values!r} must be a mapping with the keys {valid}.")
     unknown = sorted(f"{prefix}.{name}" for name in set(values) - set(types))
@@ -191,8 +282,28 @@ def _build(cls: type[_Node], values: Any, prefix: str) -> _Node:
         if dataclasses.is_dataclass(kind):
             # a null node (``teacher:`` with nothing under it in YAML) means that node's defaults
             value = _build(kind, {} if value is None else value, f"{prefix}.{name}")
+        elif typing.get_origin(kind) is dict:
+            value = _build_named(typing.get_args(kind)[1], value, f"{prefix}.{name}")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _key_pattern(prefix: str, name: str, kind: Any) -> str:
+    """How an error message lists a valid key: ``opd.kl_coef``, ``opd.teacher.*``, ``opd.teachers.<name>.*``."""
+    if dataclasses.is_dataclass(kind):
+        return f"{prefix}.{name}.*"
+    if typing.get_origin(kind) is dict:
+        return f"{prefix}.{name}.<name>.*"
+    return f"{prefix}.{name}"
+
+
+def _build_named(cls: type[_Node], values: Any, prefix: str) -> dict[str, _Node]:
+    """A mapping of names to ``cls`` nodes (``opd.teachers``); null means none."""
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise OPDConfigError(f"{prefix}={values!r} must be a mapping of names to {prefix}.<name>.* settings.")
+    return {str(name): _build(cls, {} if node is None else node, f"{prefix}.{name}") for name, node in values.items()}
 
 
 def _check_types(node: Any, prefix: str) -> None:
@@ -203,6 +314,20 @@ def _check_types(node: Any, prefix: str) -> None:
             if not isinstance(value, kind):
                 raise OPDConfigError(f"{key} must be a {kind.__name__}, not {value!r}.")
             _check_types(value, key)
+            continue
+        origin = typing.get_origin(kind)
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise OPDConfigError(f"{key} must be a mapping of names to settings, not {value!r}.")
+            node_type = typing.get_args(kind)[1]
+            for entry, item in value.items():
+                if not isinstance(item, node_type):
+                    raise OPDConfigError(f"{key}.{entry} must be a {node_type.__name__}, not {item!r}.")
+                _check_types(item, f"{key}.{entry}")
+            continue
+        if origin is list:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise OPDConfigError(f"{key}={value!r} must be a list of strings, e.g. [openai/gsm8k].")
             continue
         allowed = typing.get_args(kind) or (kind,)
         if isinstance(value, bool):
@@ -293,6 +418,9 @@ def resolve_recompute(config: DictConfig, opd: OPDConfig) -> tuple[str, str]:
     if blocker is None and opd.teacher.view == VIEW_OWN:
         # The on-policy loss corrects per-token KL rewards; the own view credits whole chunks (core/xtok.py).
         blocker = f"opd.teacher.view={VIEW_OWN} (its rewards are per chunk; the on-policy loss corrects per token)"
+    if blocker is None and len(set(opd.teacher_kl_coefs())) > 1:
+        # The on-policy loss is registered with one kl_coef (glue/policy_loss.py); the teachers' differ.
+        blocker = "opd.teachers.<name>.kl_coef differ (the on-policy loss takes one kl_coef)"
     if blocker is None:
         return "never", (
             "skipped: exact because each step is one on-policy update (ppo_epochs=1, one mini-batch, vanilla "
@@ -377,11 +505,12 @@ def _refuse_conflicts(config: DictConfig, opd: OPDConfig) -> None:
             "distillation.enabled=True turns on verl's built-in distillation, a second teacher path. "
             "Use one: set distillation.enabled=False for verl-opd's algorithm.adv_estimator=opd."
         )
-    if opd.teacher.offload and config.trainer.device == "cpu":
-        raise OPDConfigError(
-            "opd.teacher.offload=True streams the teacher from pinned host memory to a GPU; there is no GPU with "
-            "trainer.device=cpu. Set opd.teacher.offload=False."
-        )
+    for _, key, teacher in opd.teacher_list():
+        if teacher.offload and config.trainer.device == "cpu":
+            raise OPDConfigError(
+                f"{key}.offload=True streams the teacher from pinned host memory to a GPU; there is no GPU with "
+                f"trainer.device=cpu. Set {key}.offload=False."
+            )
 
 
 def _warn_biased_sampling(config: DictConfig) -> None:
@@ -420,8 +549,9 @@ def _opd_rules(config: DictConfig, opd: OPDConfig, precision: str, recompute: st
         ("actor_rollout_ref.actor.fsdp_config.mixed_precision", mixed_precision(precision)),
         ("actor_rollout_ref.ref.fsdp_config.mixed_precision", mixed_precision(precision)),
         # verl stores weights in model_dtype and only computes in the mixed-precision dtype:
-        # a bf16 teacher saves memory only if it is also stored in bf16.
-        ("actor_rollout_ref.ref.fsdp_config.model_dtype", _PRECISION_NAMES[opd.teacher.dtype]),
+        # a bf16 teacher saves memory only if it is also stored in bf16. With several teachers, each
+        # teacher's engine takes its own dtype (glue.teacher_worker.TeacherSet); this is the first's.
+        ("actor_rollout_ref.ref.fsdp_config.model_dtype", PRECISION_NAMES[opd.teacher_list()[0][2].dtype]),
     ]
     if not arr.ref.get("log_prob_use_dynamic_bsz", False) and arr.ref.get("log_prob_micro_batch_size_per_gpu") is None:
         micro = arr.rollout.get("log_prob_micro_batch_size_per_gpu") or arr.actor.get("ppo_micro_batch_size_per_gpu")
@@ -431,27 +561,42 @@ def _opd_rules(config: DictConfig, opd: OPDConfig, precision: str, recompute: st
     return rules
 
 
+def _absolute_teacher_paths(opd: OPDConfig) -> dict[str, Any]:
+    """``opd.teacher`` or ``opd.teachers`` with absolute model paths (for ``dataclasses.replace(opd, ...)``)."""
+    if opd.teachers:
+        absolute = {
+            name: dataclasses.replace(t, model_path=os.path.abspath(t.model_path)) for name, t in opd.teachers.items()
+        }
+        return {"teachers": absolute}
+    return {"teacher": dataclasses.replace(opd.teacher, model_path=os.path.abspath(opd.teacher.model_path))}
+
+
 def apply_opd_settings(config: DictConfig) -> list[str]:
     """Validate an OPD run and set what it needs in ``config``; return the ``key=value`` changes."""
     from verl_opd.checks.checkpoint_identity import check_resume_teacher
-    from verl_opd.checks.inputs import TEACHER_KEY, check_model_weights
+    from verl_opd.checks.inputs import check_model_weights
     from verl_opd.checks.teacher_fit import check_teacher_fits
     from verl_opd.checks.tokenizer_check import assert_compatible_tokenizers, assert_own_view_supported
 
     _take_legacy_teacher_key(config)
     opd = OPDConfig.from_config(config)
     opd.validate()
-    # Before the tokenizer check: a directory with only config.json would be blamed on its tokenizer.
-    check_model_weights(opd.teacher.model_path, TEACHER_KEY)
+    teachers = opd.teacher_list()
+    for _, key, teacher in teachers:
+        # Before the tokenizer check: a directory with only config.json would be blamed on its tokenizer.
+        check_model_weights(teacher.model_path, f"{key}.model_path")
     _refuse_conflicts(config, opd)
     precision = resolve_precision(config, opd)
     _refuse_precision_conflicts(config, precision)
-    check_teacher_fits(config, opd.teacher.model_path)
+    for _, _, teacher in teachers:
+        check_teacher_fits(config, teacher.model_path)
     _warn_biased_sampling(config)
-    if opd.teacher.view == VIEW_OWN:  # its requirements are not optional: opd.check_tokenizers is for view=student
-        assert_own_view_supported(config.actor_rollout_ref.model.path, opd.teacher.model_path)
-    elif opd.check_tokenizers:
-        assert_compatible_tokenizers(config.actor_rollout_ref.model.path, opd.teacher.model_path)
+    student = config.actor_rollout_ref.model.path
+    for _, _, teacher in teachers:
+        if teacher.view == VIEW_OWN:  # its requirements are not optional: opd.check_tokenizers is for view=student
+            assert_own_view_supported(student, teacher.model_path)
+        elif opd.check_tokenizers:
+            assert_compatible_tokenizers(student, teacher.model_path)
     check_resume_teacher(config, opd)
     recompute, recompute_reason = resolve_recompute(config, opd)
 
@@ -466,10 +611,9 @@ def apply_opd_settings(config: DictConfig) -> list[str]:
                 changes.append(f"{key}={value}")
         # Workers only receive actor_rollout_ref: give them the opd node there, with an absolute
         # teacher path (Ray workers need not share the driver's working directory) and the precision resolved.
-        teacher = dataclasses.replace(opd.teacher, model_path=os.path.abspath(opd.teacher.model_path))
-        resolved = dataclasses.replace(opd, teacher=teacher, precision=precision, recompute=recompute)
+        resolved = dataclasses.replace(opd, precision=precision, recompute=recompute, **_absolute_teacher_paths(opd))
         config.actor_rollout_ref.opd = OmegaConf.structured(resolved)
-        if opd.teacher.view == VIEW_OWN:
+        if any(teacher.view == VIEW_OWN for _, _, teacher in teachers):
             kwargs = OmegaConf.select(config, "data.apply_chat_template_kwargs", default=None)
             config.actor_rollout_ref[CHAT_TEMPLATE_KWARGS_KEY] = kwargs if kwargs is not None else {}
     logger.warning("verl-opd: algorithm.adv_estimator=opd applied: %s", ", ".join(changes) or "nothing to change")

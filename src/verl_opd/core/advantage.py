@@ -116,7 +116,7 @@ def opd_token_rewards(
     student_log_probs: torch.Tensor,
     teacher_log_probs: torch.Tensor,
     response_mask: torch.Tensor,
-    kl_coef: float = 1.0,
+    kl_coef: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
     """Per-token OPD reward ``r_t = -kl_coef * (log pi_S - log pi_T)``.
 
@@ -126,7 +126,8 @@ def opd_token_rewards(
         teacher_log_probs: ``(B, T)`` log-prob of the same tokens under the teacher.
         response_mask: ``(B, T)``, nonzero on sampled response tokens (the sampled EOS
             included), zero on padding and on tokens the student did not generate.
-        kl_coef: weight of the reverse-KL reward. Must be finite and >= 0.
+        kl_coef: weight of the reverse-KL reward. Must be finite and >= 0. A ``(B,)`` tensor
+            gives each sequence its own (several teachers: each sample its teacher's ``kl_coef``).
 
     Returns:
         ``(B, T)`` float32 rewards, exactly 0 where ``response_mask`` is 0 (also where
@@ -139,14 +140,21 @@ def opd_token_rewards(
         teacher_log_probs=teacher_log_probs,
         response_mask=response_mask,
     )
-    _check_coef("kl_coef", kl_coef)
-
     mask = response_mask.detach().bool()
     # Upcast first, then subtract (spec rule 10).
     diff = _float32_at_least(student_log_probs) - _float32_at_least(teacher_log_probs)
+    if isinstance(kl_coef, torch.Tensor):
+        if kl_coef.shape != diff.shape[:1]:
+            raise ValueError(f"kl_coef per sequence must have shape ({diff.shape[0]},), got {tuple(kl_coef.shape)}.")
+        for value in kl_coef.tolist():
+            _check_coef("kl_coef", value)
+        coef = kl_coef.to(device=diff.device, dtype=diff.dtype).unsqueeze(1)
+    else:
+        _check_coef("kl_coef", kl_coef)
+        coef = float(kl_coef)
     # Sign convention: d_t > 0 where the student is more confident than the teacher, so
     # r_t = -kl_coef * d_t > 0 where the teacher likes the token more than the student.
-    rewards = -float(kl_coef) * diff
+    rewards = -coef * diff
     # torch.where rather than a multiply: 0 * inf / 0 * nan at padded positions would leak NaN.
     rewards = torch.where(mask, rewards, torch.zeros((), dtype=rewards.dtype, device=rewards.device))
     return rewards.to(torch.float32)

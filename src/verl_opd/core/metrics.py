@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["LOW_PRECISION_MIN_ABS", "eos_metrics", "low_precision_grid_fraction", "opd_metrics"]
+__all__ = ["LOW_PRECISION_MIN_ABS", "eos_metrics", "low_precision_grid_fraction", "opd_metrics", "per_teacher_metrics"]
 
 # Only log-probs at least this far from 0 take part in the precision probe (see low_precision_grid_fraction).
 LOW_PRECISION_MIN_ABS = 0.5
@@ -177,4 +177,41 @@ def opd_metrics(
         out["opd/rollout_vs_train_log_prob_abs_diff_mean"] = gap.mean().item()
         out["opd/rollout_vs_train_log_prob_abs_diff_max"] = gap.max().item()
     out["opd/response_tokens"] = float(n_tokens)
+    return out
+
+
+# What each teacher of several logs, as opd/<name>/<key>: the global opd_metrics key it is read from.
+_PER_TEACHER_KEYS = {
+    "reverse_kl": "opd/reverse_kl",
+    "reverse_kl_per_seq": "opd/reverse_kl_per_seq",
+    "teacher_log_prob": "opd/teacher_log_prob",
+    "advantage_mean": "opd/advantage_mean",
+    "response_tokens": "opd/response_tokens",
+}
+
+
+def per_teacher_metrics(
+    student_log_probs: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    advantages: torch.Tensor,
+    teacher_index: torch.Tensor,
+    names: list[str],
+) -> dict[str, float]:
+    """:func:`opd_metrics` of each teacher's own samples, as ``opd/<name>/...`` (several teachers, issue 13).
+
+    ``teacher_index``: ``(B,)``, the position in ``names`` of the teacher that scored each sequence.
+    Per teacher: ``opd/<name>/samples`` (its sequences this step), and, when it has any,
+    ``reverse_kl``, ``reverse_kl_per_seq``, ``teacher_log_prob``, ``advantage_mean`` and ``response_tokens``
+    over them. A teacher without samples this step logs only its count (a 0 KL would read as a perfect match).
+    """
+    out: dict[str, float] = {}
+    for k, name in enumerate(names):
+        rows = teacher_index == k
+        n = int(rows.sum().item())
+        out[f"opd/{name}/samples"] = float(n)
+        if n == 0:
+            continue
+        own = opd_metrics(student_log_probs[rows], teacher_log_probs[rows], response_mask[rows], advantages[rows])
+        out.update({f"opd/{name}/{key}": own[source] for key, source in _PER_TEACHER_KEYS.items()})
     return out

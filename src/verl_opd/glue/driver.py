@@ -12,7 +12,8 @@ verl-opd adds take effect, and every run through it is checked before Ray starts
 * the student's weights (:mod:`verl_opd.checks.inputs`).
 * ``algorithm.adv_estimator=opd``: :func:`verl_opd.config.opd_config.apply_opd_settings`.
 * what the run asks of Ray vs this machine (:func:`verl_opd.checks.resources.check_resources`)
-  and the data files (:mod:`verl_opd.checks.inputs`).
+  and the data files (:mod:`verl_opd.checks.inputs`), whose ``data_source`` values every teacher of
+  ``opd.teachers`` must cover between them.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def configure(config: Any, overrides: Sequence[str] | None = None, *, check_envi
     """
     if not isinstance(config, DictConfig) or OmegaConf.select(config, "trainer.device") is None:
         return
-    from verl_opd.checks.inputs import DATA_KEYS, check_data_files, check_student
+    from verl_opd.checks.inputs import DATA_KEYS, check_data_files, check_student, check_teacher_routing
     from verl_opd.checks.resources import apply_cpu_defaults, check_resources
 
     if overrides is None:
@@ -55,6 +56,7 @@ def configure(config: Any, overrides: Sequence[str] | None = None, *, check_envi
         check_resources(config)
         for key in DATA_KEYS:
             check_data_files(config, key)
+        check_teacher_routing(config)
 
 
 def install() -> None:

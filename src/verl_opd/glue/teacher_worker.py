@@ -19,12 +19,15 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+import verl.utils.tensordict_utils as tu
 from tensordict import TensorDict
 from verl.single_controller.base.decorator import Dispatch, register
 from verl.workers.config import FSDPOptimizerConfig, HFModelConfig, MtpConfig
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorkerConfig
 
-from verl_opd.config.opd_config import CHAT_TEMPLATE_KWARGS_KEY
+from verl_opd.config.opd_config import CHAT_TEMPLATE_KWARGS_KEY, PRECISION_NAMES, OPDConfig
+from verl_opd.core.routing import dotted_field
 from verl_opd.glue import policy_loss
 from verl_opd.glue.own_view import OwnViewScorer
 from verl_opd.glue.precision import FP32HeadWorker
@@ -159,6 +162,140 @@ def _own_view_scorer(
     return OwnViewScorer(student_tokenizer, student_view, view, eos_ids, max_len)
 
 
+# The per-row teacher index the reference worker writes back with the log-probs (several teachers only):
+# the trainer reads it for the per-teacher metrics and KL coefficients.
+TEACHER_INDEX_FIELD = "opd_teacher_index"
+
+
+class TeacherSet:
+    """Several teachers in the one reference slot: each sample is scored by its own teacher only.
+
+    verl builds one reference worker per process (``ActorRolloutRefWorker.ref``, engine_workers.py:587) and
+    calls ``self.ref.infer_batch`` on the step's batch (:697); this stands in that place with one
+    :class:`TeacherWorker` (its own verl engine, FSDP mesh and placement: resident or offloaded, stored in its
+    own ``dtype``) per teacher, as verl keeps the actor's and the ref's engines side by side in one process.
+    :meth:`infer_batch` splits the batch by :class:`~verl_opd.core.routing.TeacherRoutes`, runs each teacher's
+    forward on its rows only and reassembles ``log_probs`` in the batch's order, with
+    :data:`TEACHER_INDEX_FIELD` per row.
+
+    Collectives: a teacher's FSDP forward all-gathers its weights on every rank of its data-parallel group, so
+    every rank must run as many forwards of each teacher as its peers. The split is uneven across ranks (one
+    rank may hold no sample of a teacher), so each rank pads each teacher's rows, with copies of one of its rows
+    whose outputs are dropped, to the largest count any rank holds (one all-reduce of the counts per step),
+    cut into even micro-batches (:meth:`_forward_sizes`). With equal row counts verl's fixed micro-batching
+    gives every rank the same number of forwards (its dynamic batching syncs the count itself). A teacher no
+    rank has a sample for runs no forward anywhere.
+    """
+
+    def __init__(self, config: TrainingWorkerConfig, opd: OPDConfig) -> None:
+        self.names = [name for name, _, _ in opd.teacher_list()]
+        self.routes = opd.routes()
+        self.teacher_field = opd.teacher_field
+        self.workers = [
+            TeacherWorker(
+                dataclasses.replace(
+                    config,
+                    engine_config=dataclasses.replace(config.engine_config, model_dtype=PRECISION_NAMES[teacher.dtype]),
+                ),
+                teacher_path=teacher.model_path,
+                offload=teacher.offload,
+            )
+            for _, _, teacher in opd.teacher_list()
+        ]
+
+    def reset(self) -> None:
+        for worker in self.workers:
+            worker.reset()
+
+    def get_dispatch_collect(self) -> Any:  # noqa: ANN401 - verl's dispatch info, passed through
+        """Every teacher's engine has the same layout (the ref slot's ranks); verl dispatches by the first's."""
+        return self.workers[0].get_dispatch_collect()
+
+    def teacher_indices(self, data: TensorDict) -> list[int]:
+        """Each row's teacher (:meth:`TeacherRoutes.index`); the driver's scan makes an unrouted row unexpected."""
+        sources = data["data_source"]
+        top = self.teacher_field.split(".")[0] if self.teacher_field else None
+        indices = []
+        for row, source in enumerate(sources):
+            named = None
+            if top is not None and top in data.keys():
+                named = dotted_field({top: data[top][row]}, self.teacher_field)
+            index = self.routes.index(source, named)
+            if index is None:
+                raise ValueError(
+                    f"verl-opd: a sample with data_source={source!r}"
+                    + (f" and {self.teacher_field}={named!r}" if top else "")
+                    + f" has no teacher among opd.teachers {self.names}; add it to a teacher's data_sources."
+                )
+            indices.append(index)
+        return indices
+
+    def _forward_sizes(self, data: TensorDict, counts: list[int]) -> list[tuple[int, int | None]]:
+        """Per teacher, ``(rows this rank runs, micro-batch size)``; the size is None with dynamic batching.
+
+        The rows are the most any rank of the data-parallel group holds. With fixed micro-batches verl asserts
+        that they divide the batch (verl/workers/engine/utils.py:124): the teacher runs as many micro-batches
+        as the ref's ``log_prob_micro_batch_size_per_gpu`` needs for those rows, each as even as it can be
+        (never larger than that setting), so at most one padded row per micro-batch.
+        """
+        worker = self.workers[0]
+        engine = worker.engine
+        if engine.get_data_parallel_size() > 1:
+            largest = torch.tensor(counts, dtype=torch.long, device=worker.device_name)
+            torch.distributed.all_reduce(
+                largest, op=torch.distributed.ReduceOp.MAX, group=engine.get_data_parallel_group()
+            )
+            counts = largest.tolist()
+        if tu.get(data, "use_dynamic_bsz", default=worker.engine_config.use_dynamic_bsz):
+            return [(count, None) for count in counts]
+        micro = tu.get(data, "micro_batch_size_per_gpu") or worker.engine_config.infer_micro_batch_size_per_gpu
+        sizes = []
+        for count in counts:
+            n_micro = -(-count // micro)
+            even = -(-count // n_micro) if n_micro else micro
+            sizes.append((n_micro * even, even))
+        return sizes
+
+    def infer_batch(self, data: TensorDict) -> TensorDict | None:
+        """Each teacher's log-probs on its own rows, reassembled in the batch's order (None on non-output ranks)."""
+        indices = self.teacher_indices(data)
+        rows = [[row for row, index in enumerate(indices) if index == k] for k in range(len(self.workers))]
+        token_counts = tu.get(data, "global_token_num")
+        outputs: list[TensorDict | None] = []
+        sizes = self._forward_sizes(data, [len(r) for r in rows])
+        for worker, own, (target, micro) in zip(self.workers, rows, sizes, strict=True):
+            if target == 0:
+                outputs.append(None)
+                continue
+            selected = own + [own[0] if own else 0] * (target - len(own))
+            sub = tu.index_select_tensor_dict(data, selected)
+            if micro is not None:
+                tu.assign_non_tensor(sub, micro_batch_size_per_gpu=micro)
+            if isinstance(token_counts, list) and len(token_counts) == len(indices):
+                tu.assign_non_tensor(sub, global_token_num=[token_counts[row] for row in selected])
+            output = worker.infer_batch(sub)
+            outputs.append(None if output is None else tu.index_select_tensor_dict(output, list(range(len(own)))))
+        produced = [(own, out) for own, out in zip(rows, outputs, strict=True) if own]
+        if any(out is None for _, out in produced):
+            return None
+        order = [row for own, _ in produced for row in own]
+        merged = tu.concat_tensordict([out.exclude("metrics") for _, out in produced])
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        result = tu.index_select_tensor_dict(merged, inverse)
+        result[TEACHER_INDEX_FIELD] = torch.nested.as_nested_tensor(
+            [torch.tensor([index]) for index in indices], layout=torch.jagged
+        )
+        metrics = {
+            f"{self.names[k]}/{key}": value
+            for k, out in enumerate(outputs)
+            if out is not None and "metrics" in out.keys()
+            for key, value in out.get("metrics").data.items()
+        }
+        result.set_non_tensor("metrics", metrics)
+        return result
+
+
 class OPDWorker(ActorRolloutRefWorker):
     """verl's actor/rollout/ref worker with the teacher in the ref slot and fp32 LM heads on both models.
 
@@ -172,6 +309,10 @@ class OPDWorker(ActorRolloutRefWorker):
         if opd.recompute == "never":
             policy_loss.register(kl_coef=opd.kl_coef, discount=opd.discount)
         self.actor_worker_cls = FP32HeadWorker
+        if opd.get("teachers"):
+            self.ref_worker_cls = functools.partial(TeacherSet, opd=OPDConfig.from_config(self.config))
+            super().init_model()
+            return
         own_view = None
         if opd.teacher.view == "own":
             own_view = {

@@ -52,11 +52,11 @@ from verl.workers.utils.padding import response_to_nested
 from verl_opd.checks.checkpoint_identity import teacher_identity, write_teacher_identity
 from verl_opd.config.opd_config import TRAINER_MODE, OPDConfig
 from verl_opd.core.advantage import opd_token_rewards
-from verl_opd.core.metrics import eos_metrics, opd_metrics
+from verl_opd.core.metrics import eos_metrics, opd_metrics, per_teacher_metrics
 from verl_opd.core.xtok import KEPT, chunk_rewards, token_chunk_metrics
 from verl_opd.glue.own_view import XTOK_FIELDS
 from verl_opd.glue.policy_loss import pop_gap_metric
-from verl_opd.glue.teacher_worker import OPDWorker
+from verl_opd.glue.teacher_worker import TEACHER_INDEX_FIELD, OPDWorker
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,8 @@ class OPDTrainer(PPOTrainerSync):
     def _compute_advantage(self, batch, metrics: dict):  # noqa: ANN001 - verl's KVBatchMeta
         """Read the step's tensors from verl's TransferQueue, run :func:`opd_advantage_step`, write back."""
         fields = _FIELDS + (list(XTOK_FIELDS) if self.opd.teacher.view == "own" else [])
+        if self.opd.teachers:
+            fields.append(TEACHER_INDEX_FIELD)
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         nested_mask = data["response_mask"]
         proto = DataProto(batch=data.to_padded_tensor())
@@ -254,6 +256,11 @@ def opd_advantage_step(
                 sampled_mask,
             )
         )
+    elif TEACHER_INDEX_FIELD in tensors.keys():
+        # Several teachers: each sequence's KL weighted by its own teacher's kl_coef.
+        teacher_index = tensors[TEACHER_INDEX_FIELD].reshape(-1).long()
+        kl_coefs = torch.tensor(opd.teacher_kl_coefs(), dtype=torch.float32)[teacher_index]
+        kl_rewards = opd_token_rewards(student, teacher, mask, kl_coefs)
     else:
         kl_rewards = opd_token_rewards(student, teacher, mask, opd.kl_coef)
     advantages, returns = estimator(
@@ -268,6 +275,9 @@ def opd_advantage_step(
     )
     # The metrics' advantages are those of the sampled tokens (rejected ones read 0 there).
     metrics.update(opd_metrics(student, teacher, sampled_mask, advantages, rollout))
+    if TEACHER_INDEX_FIELD in tensors.keys():
+        names = [name for name, _, _ in opd.teacher_list()]
+        metrics.update(per_teacher_metrics(student, teacher, sampled_mask, advantages, teacher_index, names))
     metrics.update(eos_metrics(tensors["responses"], sampled_mask, eos_token_ids))
     output.update(
         advantages=advantages,

@@ -123,11 +123,17 @@ def _not_given(name: str, what: str) -> Check:
 
 
 def check_data(config: Any, given: set[str]) -> list[Check]:
-    """Each data key given, with the driver's own check (:func:`~verl_opd.checks.inputs.check_data_files`)."""
-    from verl_opd.checks.inputs import check_data_files
+    """Each data key given, with the driver's own checks (:mod:`verl_opd.checks.inputs`).
+
+    With ``opd.teachers``, one more line: whether every sample of the readable files has a teacher.
+    """
+    from omegaconf import OmegaConf
+
+    from verl_opd.checks.inputs import check_data_files, check_teacher_routing
     from verl_opd.config.opd_config import OPDConfigError
 
     checks = []
+    readable = True
     for key in DATA_KEYS:
         if key not in given:
             checks.append(_not_given(key, "the run's data"))
@@ -136,8 +142,16 @@ def check_data(config: Any, given: set[str]) -> list[Check]:
             files = check_data_files(config, key)
         except OPDConfigError as exc:
             checks.append(Check("config", key, FAIL, str(exc)))
+            readable = False
             continue
         checks.append(Check("config", key, PASS, ", ".join(files) or "remote files: left to verl"))
+    if readable and OmegaConf.select(config, "opd.teachers"):
+        try:
+            check_teacher_routing(config)
+        except OPDConfigError as exc:
+            checks.append(Check("config", "teacher routing", FAIL, str(exc)))
+        else:
+            checks.append(Check("config", "teacher routing", PASS, "every sample of the data files has a teacher"))
     return checks
 
 
