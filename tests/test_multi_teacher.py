@@ -71,8 +71,13 @@ def _mixed_data(tiny, out, sources=("openai/gsm8k", SECOND_SOURCE), teacher_name
     return out
 
 
+ONE_UPDATE = ("data.train_batch_size=4", "actor_rollout_ref.actor.ppo_mini_batch_size=4")
+
+
 def test_stock_cli_form_is_parsed_and_reaches_the_workers(tiny, tmp_path):
-    config = _compose(_two_teachers(tiny, "+opd.teachers.big.kl_coef=2.0", data=_mixed_data(tiny, tmp_path)))
+    config = _compose(
+        _two_teachers(tiny, "+opd.teachers.big.kl_coef=2.0", *ONE_UPDATE, data=_mixed_data(tiny, tmp_path))
+    )
     apply_opd_settings(config)
     check_teacher_routing(config)
     worker = OPDConfig.from_config(config.actor_rollout_ref)
@@ -81,6 +86,14 @@ def test_stock_cli_form_is_parsed_and_reaches_the_workers(tiny, tmp_path):
         model_path=str(tiny.teacher), data_sources=[SECOND_SOURCE], kl_coef=2.0
     )
     assert worker.teacher_kl_coefs() == [1.0, 2.0]
+    # one on-policy update per step, but the on-policy loss takes one kl_coef: the recompute is kept
+    assert worker.recompute == "always"
+
+
+def test_teachers_with_one_kl_coef_may_skip_the_recompute(tiny, tmp_path):
+    config = _compose(_two_teachers(tiny, *ONE_UPDATE, data=_mixed_data(tiny, tmp_path)))
+    apply_opd_settings(config)
+    assert OPDConfig.from_config(config.actor_rollout_ref).recompute == "never"
 
 
 @pytest.mark.parametrize(
