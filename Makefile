@@ -31,8 +31,10 @@ demo: install
 	$(VENV)/bin/verl-opd demo
 
 # The whole suite, the short demo included (it builds the demo models into .cache/ once: ~1.5 min on 2 cores).
+# Two pytest workers, one test file each at a time: an end-to-end run spends much of its time starting Ray
+# and verl's workers, so two of them share 2 cores well (each run starts its own Ray instance on free ports).
 test: install
-	$(PY) -m pytest tests -q -p no:cacheprovider --durations=15
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=15 -n 2 --dist loadfile
 
 # The short demo alone (the CI test of `make demo`).
 test-demo: install
