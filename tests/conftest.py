@@ -175,6 +175,27 @@ def trained_pair(tiny: TinyAssets) -> TrainedPair:
 
 
 @pytest.fixture(scope="session")
+def trained_other(tiny: TinyAssets, other_teacher: Path) -> Path:
+    """A model of :func:`other_teacher`'s family (its tokenizer and template) SFT'd on the arithmetic task like
+    ``trained_pair.teacher``: it writes valid, canonical text in a tokenizer whose merges (digit groups, words)
+    give its tokens a boundary lookahead (``opd.teacher.shaping``)."""
+    from verl_opd.tiny.sft import sft_train
+    from verl_opd.tiny.task import make_problems, prompt_text, solution_text
+
+    examples = [
+        ([{"role": "user", "content": prompt_text(question)}], solution_text(question, answer))
+        for question, answer in make_problems(1024, seed=5)
+    ]
+    from verl_opd.tiny.model import build_model
+
+    init = build_model(
+        tiny.root / "other_init", other_teacher, hidden_size=64, num_layers=2, seed=4, architecture="llama"
+    )
+    trained = sft_train(init, tiny.root / "other_sft", examples, steps=300, lr=3e-3, batch_size=32, warmup_steps=20)
+    return Path(trained.path)
+
+
+@pytest.fixture(scope="session")
 def cpu_args():
     """``tiny_cpu_args`` as a fixture (test modules cannot import conftest in importlib mode)."""
     return tiny_cpu_args

@@ -104,7 +104,8 @@ def test_shipped_config_needs_no_extra_keys(tiny):
         (
             ["+opd.teacher.dtyp=bfloat16"],
             "Unknown opd keys ['opd.teacher.dtyp']; valid keys: ['opd.teacher.context_key', 'opd.teacher.dtype', "
-            "'opd.teacher.model_path', 'opd.teacher.offload', 'opd.teacher.system_prompt', 'opd.teacher.view']",
+            "'opd.teacher.model_path', 'opd.teacher.offload', 'opd.teacher.shaping', 'opd.teacher.system_prompt', "
+            "'opd.teacher.view']",
         ),
         (["+opd.kl_coef=abc"], "opd.kl_coef='abc' (str) must be a number"),
         (["+opd.discount=null"], "opd.discount=None (NoneType) must be a number"),
@@ -132,6 +133,26 @@ def test_shipped_config_needs_no_extra_keys(tiny):
         (["+opd.teacher.context_key=extra_info.answer"], "set opd.teacher.view=own, or remove opd.teacher.context_key"),
         (["+opd.teacher.view=own", "+opd.teacher.context_key=extra_info."], "must be a dotted dataset field such as"),
         (["+opd.teacher.view=own", "+opd.teacher.system_prompt=3"], "opd.teacher.system_prompt=3 (int) must be a"),
+        # opd.teacher.shaping: own view only, and only where verl's logits hook sees whole sequences
+        (["+opd.teacher.view=own", "+opd.teacher.shaping=yes"], "opd.teacher.shaping='yes'; use one of ('auto',"),
+        (["+opd.teacher.shaping=both"], "set opd.teacher.view=own, or remove opd.teacher.shaping"),
+        (
+            [
+                "+opd.teacher.view=own",
+                "+opd.teacher.shaping=both",
+                "actor_rollout_ref.ref.ulysses_sequence_parallel_size=2",
+            ],
+            "Set actor_rollout_ref.ref.ulysses_sequence_parallel_size=1, or opd.teacher.shaping=none",
+        ),
+        (
+            [
+                "+opd.teacher.view=own",
+                "+opd.teacher.shaping=teacher",
+                "actor_rollout_ref.model.use_fused_kernels=True",
+                "actor_rollout_ref.model.fused_kernel_options.impl_backend=triton",
+            ],
+            "verl's fused LM head never materialises",
+        ),
     ],
 )
 def test_conflicting_settings_are_refused(tiny, extra, expected):
@@ -339,6 +360,14 @@ def test_teacher_of_another_family_needs_its_own_view(tiny, other_teacher):
     seen_by_workers = OPDConfig.from_config(config.actor_rollout_ref).teacher
     assert (seen_by_workers.view, seen_by_workers.system_prompt) == ("own", "Grade strictly.")
     assert seen_by_workers.context_key == "extra_info.answer"
+    # auto shaping: both potentials for a teacher that tokenises differently, none for one that does not
+    assert seen_by_workers.shaping == "both"
+    same = _compose(_opd(tiny, "+opd.teacher.view=own"))
+    apply_opd_settings(same)
+    assert OPDConfig.from_config(same.actor_rollout_ref).teacher.shaping == "none"
+    explicit = _compose(_opd(tiny, "+opd.teacher.view=own", "+opd.teacher.shaping=teacher", teacher=other_teacher))
+    apply_opd_settings(explicit)
+    assert OPDConfig.from_config(explicit.actor_rollout_ref).teacher.shaping == "teacher"
 
 
 def test_own_view_refuses_a_tokenizer_that_is_not_byte_level(tiny, tmp_path):

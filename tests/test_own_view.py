@@ -171,3 +171,165 @@ def test_a_chunk_touched_by_rollout_rejection_loses_all_its_tokens():
     mask = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 1, 0]])  # rejection took token 2 of row 0 (chunk 1)
     reason[1, 3] = 2  # a masked chunk (truncated)
     assert _kept_chunk_ids(chunk, reason, sampled, mask).tolist() == [[0, -1, -1, 2, 3], [0, 0, 1, -1, -1]]
+
+
+def _brute_extension_log_mass(log_probs: torch.Tensor, token: int, table: list[bytes], special: set[int]) -> float:
+    """log sum of p(v) over the ids whose bytes start with ``token``'s (a special id extends only itself)."""
+    if token in special:
+        return float(log_probs[token])
+    prefix = table[token]
+    ids = [v for v, piece in enumerate(table) if v not in special and piece.startswith(prefix)]
+    return float(torch.logsumexp(log_probs[ids].double(), dim=0))
+
+
+def _verl_like_output(model, rows: list[torch.Tensor], hook) -> TensorDict:
+    """verl's engine output with the shaping hook: ``log_probs`` and the hook's field, both shifted left by one.
+
+    The logits of the whole batch are packed and handed to the hook as verl's engine does
+    (``student_logits=(1, N, V)``, ``data`` with the jagged ``input_ids``).
+    """
+    from verl_opd.glue.shaping import EXTENSION_FIELD
+
+    with torch.no_grad():
+        logits = torch.cat([model(ids.unsqueeze(0)).logits[0].float() for ids in rows])
+    data = TensorDict({"input_ids": torch.nested.as_nested_tensor(rows, layout=torch.jagged)}, [len(rows)])
+    packed = hook(student_logits=logits.unsqueeze(0), data=data)[EXTENSION_FIELD].squeeze(0)
+    masses = torch.nested.nested_tensor_from_jagged(packed, data["input_ids"].offsets())
+    return TensorDict({"log_probs": _shifted_log_probs(model, rows), EXTENSION_FIELD: masses}, [len(rows)])
+
+
+def test_extension_hook_labels_packed_sequences_like_verl():
+    """The hook's value at position p is the extension mass of token p + 1 under the logits at p, sequence by
+    sequence through verl's packing, with a vocabulary padded beyond the tokenizer's ids."""
+    from verl_opd.glue.shaping import EXTENSION_FIELD, ExtensionMassHook
+
+    table = [b"a", b"ab", b"abc", b"b", b"", b"ba"]  # id 4: zero bytes, an EOS-like special
+    hook = ExtensionMassHook(table, special_ids=[4])
+    rows = [torch.tensor([0, 1, 3, 4]), torch.tensor([3, 5, 0])]
+    logits = torch.randn(7, 8, generator=torch.Generator().manual_seed(0))  # 2 padded vocabulary entries
+    data = TensorDict({"input_ids": torch.nested.as_nested_tensor(rows, layout=torch.jagged)}, [2])
+    out = hook(student_logits=logits.unsqueeze(0), data=data)[EXTENSION_FIELD]
+    assert out.shape == (1, 7)
+    padded_table = table + [b"", b""]
+    special = {4, 6, 7}
+    position = 0
+    for ids in rows:
+        for p in range(len(ids) - 1):
+            log_probs = torch.log_softmax(logits[position + p], dim=-1)
+            want = _brute_extension_log_mass(log_probs, int(ids[p + 1]), padded_table, special)
+            assert abs(float(out[0, position + p]) - want) < 1e-6, (position, p)
+        position += len(ids)
+    assert hook(model_output={"x": out}, data=data)[0].item() == 0.0  # verl's loss call after the hook: no loss
+    with pytest.raises(ValueError, match="not this model's"):
+        hook(student_logits=logits[:, :5].unsqueeze(0), data=data)
+
+
+@pytest.fixture(scope="module")
+def other_view(tiny, other_teacher):
+    """A student scored by a teacher of another tokenizer and chat template, with both potentials."""
+    from verl_opd.teacher_view.byte_tables import added_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny.student)
+    teacher_tokenizer = AutoTokenizer.from_pretrained(other_teacher)
+    student_view = TeacherView(tokenizer)
+    scorer = OwnViewScorer(
+        tokenizer, student_view, TeacherView(teacher_tokenizer), [tokenizer.eos_token_id], 8192, shaping="both"
+    )
+    student = AutoModelForCausalLM.from_pretrained(tiny.student).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(other_teacher).eval()
+    specials = (set(added_token_ids(tokenizer)), set(added_token_ids(teacher_tokenizer)))
+    return tokenizer, student_view, scorer, student, teacher, specials
+
+
+def _potentials(model, rows, table, special, chunk_of, n_chunks, response_len, ended) -> np.ndarray:
+    """Φ at each chunk's last response token, brute force (0 for an EOS chunk)."""
+    phi = np.zeros(n_chunks)
+    ids = rows
+    prompt_len = len(ids) - response_len
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(ids.unsqueeze(0)).logits[0].double(), dim=-1)
+    for c in range(n_chunks):
+        u = int(np.flatnonzero(chunk_of == c).max())
+        p = prompt_len + u  # the token's position; its distribution sits at p - 1
+        token = int(ids[p])
+        mass = _brute_extension_log_mass(log_probs[p - 1], token, table, special)
+        phi[c] = mass - float(log_probs[p - 1, token])
+    if ended:
+        phi[-1] = 0.0
+    return phi
+
+
+def test_shaping_moves_each_chunk_by_both_potentials_and_keeps_the_sequence_sum(other_view):
+    """``shaping=both``: the written-back shift is ΔΦ_S − ΔΦ_T from brute-force potentials of both models,
+    it sums to 0 over a response that ended, and ``xtok_teacher_lp`` is ``T_c`` minus it."""
+    tokenizer, student_view, scorer, student, teacher, (student_special, teacher_special) = other_view
+    responses = [tokenizer.encode("#### 1234") + [tokenizer.eos_token_id], tokenizer.encode("#### 57 and 8")]
+    responses.append(tokenizer.encode("#### 99") + [tokenizer.eos_token_id])
+    data = _batch(tokenizer, student_view, responses)
+    teacher_batch, alignments, flags = scorer.to_teacher(data)
+    teacher_rows = list(teacher_batch["input_ids"].unbind())
+    output = _verl_like_output(teacher, teacher_rows, scorer.teacher_hook)
+    student_output = _verl_like_output(student, list(data["input_ids"].unbind()), scorer.student_hook)
+    fields = scorer.to_student(output, teacher_batch, data, alignments, flags, student_output)
+    plain = OwnViewScorer(tokenizer, student_view, scorer.view, [tokenizer.eos_token_id], 8192)
+    unshaped = plain.to_student(output, teacher_batch, data, alignments, flags)
+    moved = 0.0
+    for i, (alignment, response) in enumerate(zip(alignments, responses, strict=True)):
+        ended = response[-1] == tokenizer.eos_token_id
+        n_teacher = len(teacher_batch["responses"][i])
+        phi_t = _potentials(
+            teacher,
+            teacher_rows[i],
+            scorer.view.encoder.table,
+            teacher_special,
+            alignment.teacher_chunk,
+            alignment.n_chunks,
+            n_teacher,
+            ended,
+        )
+        phi_s = _potentials(
+            student,
+            data["input_ids"][i],
+            scorer.student_table,
+            student_special,
+            alignment.student_chunk,
+            alignment.n_chunks,
+            len(response),
+            ended,
+        )
+        want = np.diff(phi_s, prepend=0.0) - np.diff(phi_t, prepend=0.0)
+        shift = fields["xtok_shift"][i].double().numpy()
+        is_last = np.append(alignment.student_chunk[1:] != alignment.student_chunk[:-1], True)
+        np.testing.assert_allclose(shift[is_last], want, atol=1e-5)
+        assert not shift[~is_last].any()
+        if ended:
+            assert abs(shift.sum()) < 1e-5  # potential-based: the sequence's log-ratio is unchanged
+        got_lp = fields["xtok_teacher_lp"][i].double().numpy()
+        np.testing.assert_allclose(got_lp, unshaped["xtok_teacher_lp"][i].double().numpy() - shift, atol=1e-5)
+        assert torch.equal(fields["log_probs"][i], unshaped["log_probs"][i])  # metrics keep the real log-probs
+        moved += float(np.abs(want).sum())
+    assert moved > 1e-3  # two tokenisers of digit runs: the lookahead is real, so the check is not 0 == 0
+    assert not unshaped["xtok_shift"].values().any()
+
+
+def test_shaping_of_a_copy_of_the_student_moves_nothing(other_view):
+    """The same model and tokenizer on both sides: Φ_S = Φ_T at every chunk, so ``both`` changes no score.
+
+    The other family's tokenizer has merges (digit groups, words), so its tokens do carry lookahead: one side
+    alone moves the scores, and both sides cancel exactly.
+    """
+    _, _, _, _, model, _ = other_view
+    tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+    view = TeacherView(tokenizer)
+    eos = [tokenizer.convert_tokens_to_ids("<|eot_id|>")]
+    scorers = {side: OwnViewScorer(tokenizer, view, view, eos, 8192, shaping=side) for side in ("both", "teacher")}
+    responses = [tokenizer.encode(text, add_special_tokens=False) + eos for text in ("#### 1234", "#### 57 and 8")]
+    data = _batch(tokenizer, view, responses)
+    teacher_batch, alignments, flags = scorers["both"].to_teacher(data)
+    assert all(a.n_chunks == len(r) for a, r in zip(alignments, responses, strict=True))  # one token per chunk
+    output = _verl_like_output(model, list(teacher_batch["input_ids"].unbind()), scorers["both"].teacher_hook)
+    student_output = _verl_like_output(model, list(data["input_ids"].unbind()), scorers["both"].student_hook)
+    both = scorers["both"].to_student(output, teacher_batch, data, alignments, flags, student_output)
+    teacher_only = scorers["teacher"].to_student(output, teacher_batch, data, alignments, flags)
+    assert not both["xtok_shift"].values().any()
+    assert teacher_only["xtok_shift"].values().abs().max() > 1e-3

@@ -12,6 +12,7 @@ aligning them on bytes needs (both byte-level BPE, exact byte tables, a findable
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,6 +130,18 @@ def _raise_failed(checks: list[TokenizerCheck], headline: str, fix: str) -> None
     if failed:
         lines = "\n".join(f"  - {c.name}: {c.detail}" for c in failed)
         raise TokenizerMismatchError(f"{headline}\n{lines}\n{fix}")
+
+
+def same_tokenization(student_path: str, teacher_path: str) -> bool:
+    """True when both tokenizers turn every text into the same ids: same normaliser, pre-tokeniser, model and
+    added tokens in their ``tokenizer.json`` (the chat template is not part of it).
+
+    Probe texts could agree where merges differ; the serialised pipeline cannot.
+    """
+    student, teacher = _load(student_path), _load(teacher_path)
+    parts = ("normalizer", "pre_tokenizer", "model", "added_tokens")
+    specs = [json.loads(t.backend_tokenizer.to_str()) for t in (student, teacher)]
+    return all(specs[0].get(part) == specs[1].get(part) for part in parts)
 
 
 def compare_tokenizers(student_path: str, teacher_path: str) -> list[TokenizerCheck]:

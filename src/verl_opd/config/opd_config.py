@@ -31,6 +31,19 @@ TEACHER_DTYPES = ("float32", "bfloat16")
 # the teacher read the conversation in its own chat template and tokenizer (verl_opd.teacher_view).
 VIEW_STUDENT, VIEW_OWN = "student", "own"
 TEACHER_VIEWS = (VIEW_STUDENT, VIEW_OWN)
+# opd.teacher.shaping (view=own): the boundary-lookahead potentials added to each chunk's log-ratio
+# (verl_opd.core.xtok_shaping). "auto" resolves to "both" when the teacher tokenises differently from the
+# student and to "none" when it tokenises identically (every chunk is one token: there is no lookahead).
+SHAPING_AUTO, SHAPING_NONE, SHAPING_TEACHER, SHAPING_BOTH = "auto", "none", "teacher", "both"
+SHAPINGS = (SHAPING_AUTO, SHAPING_NONE, SHAPING_TEACHER, SHAPING_BOTH)
+# The sequence-parallel sizes the teacher's and the student's forwards run with: the shaping's logits hook sees one
+# shard of a sequence's logits under Ulysses and cannot label it (verl_opd.glue.shaping).
+SP_KEYS = (
+    "actor_rollout_ref.actor.ulysses_sequence_parallel_size",
+    "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size",
+    "actor_rollout_ref.ref.ulysses_sequence_parallel_size",
+    "actor_rollout_ref.ref.fsdp_config.ulysses_sequence_parallel_size",
+)
 # Where the driver copies data.apply_chat_template_kwargs for the workers (they receive actor_rollout_ref
 # only): the teacher's own view renders its prompt with the same kwargs verl rendered the student's with.
 CHAT_TEMPLATE_KWARGS_KEY = "opd_chat_template_kwargs"
@@ -78,6 +91,10 @@ class TeacherConfig:
     tokenizer, its log-probs mapped back onto the student's tokens on bytes). With ``own`` only,
     ``system_prompt`` is a system message only the teacher reads, and ``context_key`` a dotted dataset
     field (``extra_info.solution``) whose text only the teacher reads (:mod:`verl_opd.teacher_view.render`).
+    ``shaping`` (own view only) removes the boundary lookahead from each chunk's log-ratio: ``teacher`` adds
+    the teacher's potential, ``both`` the student's too (one more student forward per step; exact for a
+    byte-identical teacher), ``none`` neither, ``auto`` is ``both`` for a teacher that tokenises differently
+    and ``none`` for one that tokenises like the student (:func:`resolve_shaping`).
     """
 
     model_path: str | None = None
@@ -86,6 +103,7 @@ class TeacherConfig:
     view: str = VIEW_STUDENT
     system_prompt: str | None = None
     context_key: str | None = None
+    shaping: str = SHAPING_AUTO
 
 
 @dataclass(frozen=True)
@@ -247,6 +265,16 @@ def _validate_teacher(teacher: TeacherConfig, key: str) -> None:
         raise OPDConfigError(
             f"{key}.view={teacher.view!r}; use one of {TEACHER_VIEWS} (student: the teacher scores the "
             "student's token ids; own: it reads the conversation in its own chat template and tokenizer)."
+        )
+    if teacher.shaping not in SHAPINGS:
+        raise OPDConfigError(
+            f"{key}.shaping={teacher.shaping!r}; use one of {SHAPINGS} (the boundary-lookahead shaping of "
+            f"{key}.view={VIEW_OWN}: auto, none, teacher-side only, or both sides)."
+        )
+    if teacher.view == VIEW_STUDENT and teacher.shaping not in (SHAPING_AUTO, SHAPING_NONE):
+        raise OPDConfigError(
+            f"{key}.shaping={teacher.shaping} shapes chunks of two tokenisations, which only the teacher's own view "
+            f"has: set {key}.view={VIEW_OWN}, or remove {key}.shaping (the student's tokens need none)."
         )
     for name in ("system_prompt", "context_key"):
         if teacher.view == VIEW_STUDENT and getattr(teacher, name) is not None:
@@ -436,6 +464,44 @@ def resolve_recompute(config: DictConfig, opd: OPDConfig) -> tuple[str, str]:
     return "always", f"kept because {blocker}"
 
 
+def resolve_shaping(config: DictConfig, opd: OPDConfig) -> tuple[str, str]:
+    """``opd.teacher.shaping`` resolved to ``none``, ``teacher`` or ``both``, and the reason, for the start-up log.
+
+    ``auto`` is ``both`` where the teacher tokenises the response differently from the student (chunks span
+    several tokens, and a canonical token's lookahead biases each chunk's log-ratio:
+    :mod:`verl_opd.core.xtok_shaping`), and ``none`` where it tokenises identically (every chunk is one
+    token, the per-token log-ratio has no lookahead, and the run equals ``view=student`` exactly).
+    Shaping reads every position's logits through verl's per-token logits hook (:mod:`verl_opd.glue.shaping`),
+    which is refused where that hook does not see whole sequences' logits.
+    """
+    teacher = opd.teacher
+    if opd.teachers or teacher.view != VIEW_OWN:
+        return SHAPING_NONE, "none: the teacher scores the student's own tokens"
+    if teacher.shaping == SHAPING_AUTO:
+        from verl_opd.checks.tokenizer_check import same_tokenization
+
+        if same_tokenization(config.actor_rollout_ref.model.path, teacher.model_path):
+            return SHAPING_NONE, "none (auto): the teacher tokenises like the student, every chunk is one token"
+        shaping, reason = SHAPING_BOTH, "both (auto): the teacher tokenises differently from the student"
+    else:
+        shaping, reason = teacher.shaping, f"{teacher.shaping}: opd.teacher.shaping={teacher.shaping}"
+    if shaping == SHAPING_NONE:
+        return shaping, reason
+    for key in SP_KEYS:
+        size = OmegaConf.select(config, key, default=1) or 1
+        if size > 1:
+            raise OPDConfigError(
+                f"opd.teacher.shaping={shaping} reads whole sequences' logits in verl's per-token logits hook, but "
+                f"{key}={size} gives each rank one shard of them. Set {key}=1, or opd.teacher.shaping=none."
+            )
+    if OmegaConf.select(config, "actor_rollout_ref.model.use_fused_kernels", default=False):
+        raise OPDConfigError(
+            f"opd.teacher.shaping={shaping} needs the logits, which verl's fused LM head never materialises "
+            "(actor_rollout_ref.model.use_fused_kernels=True). Set it to False, or opd.teacher.shaping=none."
+        )
+    return shaping, reason
+
+
 def _refuse_precision_conflicts(config: DictConfig, precision: str) -> None:
     """Refuse, before anything loads, a precision that the attention or LM-head kernels cannot honour."""
     model = config.actor_rollout_ref.model
@@ -599,6 +665,7 @@ def apply_opd_settings(config: DictConfig) -> list[str]:
             assert_compatible_tokenizers(student, teacher.model_path)
     check_resume_teacher(config, opd)
     recompute, recompute_reason = resolve_recompute(config, opd)
+    shaping, shaping_reason = resolve_shaping(config, opd)
 
     changes = []
     with open_dict(config):
@@ -611,11 +678,16 @@ def apply_opd_settings(config: DictConfig) -> list[str]:
                 changes.append(f"{key}={value}")
         # Workers only receive actor_rollout_ref: give them the opd node there, with an absolute
         # teacher path (Ray workers need not share the driver's working directory) and the precision resolved.
-        resolved = dataclasses.replace(opd, precision=precision, recompute=recompute, **_absolute_teacher_paths(opd))
+        teachers_resolved = _absolute_teacher_paths(opd)
+        if "teacher" in teachers_resolved:
+            teachers_resolved["teacher"] = dataclasses.replace(teachers_resolved["teacher"], shaping=shaping)
+        resolved = dataclasses.replace(opd, precision=precision, recompute=recompute, **teachers_resolved)
         config.actor_rollout_ref.opd = OmegaConf.structured(resolved)
         if any(teacher.view == VIEW_OWN for _, _, teacher in teachers):
             kwargs = OmegaConf.select(config, "data.apply_chat_template_kwargs", default=None)
             config.actor_rollout_ref[CHAT_TEMPLATE_KWARGS_KEY] = kwargs if kwargs is not None else {}
     logger.warning("verl-opd: algorithm.adv_estimator=opd applied: %s", ", ".join(changes) or "nothing to change")
     logger.warning("verl-opd: old_log_prob recompute %s", recompute_reason)
+    if opd.teacher.view == VIEW_OWN:
+        logger.warning("verl-opd: boundary-lookahead shaping %s", shaping_reason)
     return changes

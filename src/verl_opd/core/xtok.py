@@ -61,6 +61,7 @@ __all__ = [
     "compute_xtok_opd_advantage",
     "chunk_metrics",
     "token_chunk_metrics",
+    "shaping_metrics",
 ]
 
 # Per-chunk mask reasons (ChunkAlignment.mask_reason). A chunk with several reasons gets the
@@ -595,3 +596,15 @@ def token_chunk_metrics(
         reason.detach().long()[last].numpy(),
         int(noncanonical.detach().long()[mask].sum()),
     )
+
+
+def shaping_metrics(shift: torch.Tensor, teacher_n: torch.Tensor, response_mask: torch.Tensor) -> dict[str, float]:
+    """``opd/xtok/shaping_shift_abs_mean``: the mean over chunks of |ΔΦ_S - ΔΦ_T| the shaping moved (0 when off).
+
+    ``shift`` and ``teacher_n`` sit on each chunk's last student token (``teacher_n > 0`` marks it), as the
+    teacher worker writes them back. How far the boundary lookahead moved the chunk scores: 0 for identical
+    tokenisers under one model, and the size of the correction the plain estimator would have missed.
+    """
+    last = response_mask.bool() & (teacher_n > 0)
+    value = float(shift.detach().double()[last].abs().mean()) if bool(last.any()) else 0.0
+    return {"opd/xtok/shaping_shift_abs_mean": value}

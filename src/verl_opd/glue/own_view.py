@@ -15,8 +15,16 @@ micro-batching, fp32 head) on the teacher-geometry batch it returns, and hands t
 * ``xtok_chunk`` (chunk index of each student response token), ``xtok_reason`` (its chunk's mask
   reason, :data:`verl_opd.core.xtok.MASK_REASONS`), ``xtok_teacher_lp`` (``T_c`` on the chunk's last
   student token), ``xtok_teacher_n`` (the chunk's teacher token count, on the same token) and
-  ``xtok_noncanonical`` (the guard's per-token flag): what the trainer's advantage step and the
-  ``opd/xtok/*`` metrics read (:func:`verl_opd.core.xtok.chunk_fields_metrics`).
+  ``xtok_noncanonical`` (the guard's per-token flag) and ``xtok_shift`` (the chunk's potential shift, on its
+  last student token): what the trainer's advantage step and the ``opd/xtok/*`` metrics read
+  (:func:`verl_opd.core.xtok.token_chunk_metrics`).
+
+With ``opd.teacher.shaping`` on, ``xtok_teacher_lp`` is the shaped chunk score ``T_c - shift_c`` with
+``shift_c = ΔΦ_S - ΔΦ_T`` (:func:`verl_opd.core.xtok_shaping.potential_shift`), so the trainer's
+``S_c - T'_c`` is the shaped log-ratio ``d'_c``. The potentials come from the forwards' per-position
+extension masses (:mod:`verl_opd.glue.shaping`): the teacher's from its own forward, the student's
+(``shaping=both``) from one more forward of the actor on the student's batch. ``log_probs`` stays the
+teacher's plain log-prob, so ``opd/reverse_kl`` and the other metrics report the real divergence.
 
 Re-tokenising here rather than on the driver keeps the work parallel across the teacher's ranks and
 TransferQueue free of a second geometry (design note, section 3).
@@ -33,6 +41,7 @@ import torch
 from tensordict import NonTensorData, TensorDict
 from verl.workers.utils.padding import response_from_nested
 
+from verl_opd.config.opd_config import SHAPING_BOTH, SHAPING_NONE
 from verl_opd.core.xtok import (
     PROMPT_CUT,
     ChunkAlignment,
@@ -41,13 +50,15 @@ from verl_opd.core.xtok import (
     noncanonical_tokens,
     response_text,
 )
+from verl_opd.core.xtok_shaping import potential_shift, teacher_potential
+from verl_opd.glue.shaping import EXTENSION_FIELD, ExtensionMassHook
 from verl_opd.teacher_view.byte_tables import added_token_ids, byte_table, canonical_ids
 from verl_opd.teacher_view.render import TeacherView
 
 logger = logging.getLogger(__name__)
 
 # Fields written back in the student's geometry (response tokens), read by the trainer's advantage step.
-XTOK_FIELDS = ("xtok_chunk", "xtok_reason", "xtok_teacher_lp", "xtok_teacher_n", "xtok_noncanonical")
+XTOK_FIELDS = ("xtok_chunk", "xtok_reason", "xtok_teacher_lp", "xtok_teacher_n", "xtok_noncanonical", "xtok_shift")
 
 
 def _jagged(rows: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -68,6 +79,7 @@ class OwnViewScorer:
         view: TeacherView,
         eos_token_ids: Sequence[int],
         teacher_max_len: int,
+        shaping: str = SHAPING_NONE,
     ) -> None:
         self.student_tokenizer = student_tokenizer
         # The student's own rendering of a conversation: a prompt verl gave the student that differs from it
@@ -78,6 +90,9 @@ class OwnViewScorer:
         self.eos_ids = frozenset(int(i) for i in eos_token_ids)
         self.view = view
         self.teacher_max_len = teacher_max_len
+        self.shaping = shaping  # resolved: none | teacher | both (opd_config.resolve_shaping)
+        self.teacher_hook = ExtensionMassHook(view.encoder.table, added_token_ids(view.tokenizer))
+        self.student_hook = ExtensionMassHook(self.student_table, self.student_added.tolist())
         self._shown = False
 
     def _context_fields(self, data: TensorDict, index: int) -> dict[str, Any]:
@@ -177,6 +192,39 @@ class OwnViewScorer:
                 teacher.set_non_tensor(key, value.data)
         return teacher, alignments, flags
 
+    def _shifts(
+        self,
+        output: TensorDict,
+        teacher_batch: TensorDict,
+        data: TensorDict,
+        alignments: Sequence[ChunkAlignment],
+        student_output: TensorDict | None,
+    ) -> list[np.ndarray]:
+        """Each sample's per-chunk potential shift ``ΔΦ_S - ΔΦ_T`` (zeros with ``shaping=none``).
+
+        Φ at a chunk's last token is its extension log-mass minus its log-prob, from the same forward; Φ is 0
+        after a response's EOS (the shaping then keeps the sequence's sum) and kept at a cut response's end.
+        """
+        if self.shaping == SHAPING_NONE:
+            return [np.zeros(a.n_chunks) for a in alignments]
+        ended = [bool(len(r)) and int(r[-1]) in self.eos_ids for r in _rows(data["responses"])]
+
+        def potentials(out: TensorDict, mask: torch.Tensor, side: str) -> list[torch.Tensor]:
+            lps = _rows(response_from_nested(out["log_probs"], mask))
+            masses = _rows(response_from_nested(out[EXTENSION_FIELD], mask))
+            return [
+                teacher_potential(
+                    lp.double(), mass.double(), getattr(a, f"{side}_chunk"), a.n_chunks, ends_with_eos=end
+                )
+                for lp, mass, a, end in zip(lps, masses, alignments, ended, strict=True)
+            ]
+
+        phi_teacher = potentials(output, teacher_batch["response_mask"], "teacher")
+        phi_student: list[torch.Tensor | None] = [None] * len(alignments)
+        if self.shaping == SHAPING_BOTH:
+            phi_student = potentials(student_output, data["response_mask"], "student")
+        return [potential_shift(s, t).numpy() for s, t in zip(phi_student, phi_teacher, strict=True)]
+
     def to_student(
         self,
         output: TensorDict,
@@ -184,12 +232,19 @@ class OwnViewScorer:
         data: TensorDict,
         alignments: Sequence[ChunkAlignment],
         flags: Sequence[np.ndarray],
+        student_output: TensorDict | None = None,
     ) -> TensorDict:
-        """verl's teacher output mapped onto the student's tokens (see the module docstring for the fields)."""
+        """verl's teacher output mapped onto the student's tokens (see the module docstring for the fields).
+
+        ``student_output``: the student's forward on ``data`` with :data:`~verl_opd.glue.shaping.EXTENSION_FIELD`
+        (``shaping=both`` only); ``output`` carries that field too whenever shaping is on.
+        """
         teacher = _rows(response_from_nested(output["log_probs"], teacher_batch["response_mask"]))
+        shifts = self._shifts(output, teacher_batch, data, alignments, student_output)
         student_len = [len(row) for row in _rows(data["input_ids"])]
         fields: dict[str, list[torch.Tensor]] = {name: [] for name in ("log_probs", *XTOK_FIELDS)}
-        for alignment, flag, lp, length in zip(alignments, flags, teacher, student_len, strict=True):
+        rows = zip(alignments, flags, teacher, student_len, shifts, strict=True)
+        for alignment, flag, lp, length, shift in rows:
             on_last = alignment.teacher_log_probs_on_student(lp.double().numpy())
             per_chunk = np.bincount(alignment.teacher_chunk, weights=lp.double().numpy(), minlength=alignment.n_chunks)
             spread = per_chunk[alignment.student_chunk] / alignment.student_tokens_per_chunk[alignment.student_chunk]
@@ -202,11 +257,13 @@ class OwnViewScorer:
             teacher_n = np.zeros(n, dtype=np.int64)
             is_last = np.append(alignment.student_chunk[1:] != alignment.student_chunk[:-1], True)
             teacher_n[is_last] = alignment.teacher_tokens_per_chunk[alignment.student_chunk[is_last]]
+            shift_on_last = np.where(is_last, shift[alignment.student_chunk], 0.0)
             fields["xtok_chunk"].append(torch.from_numpy(alignment.student_chunk.copy()))
             fields["xtok_reason"].append(
                 torch.from_numpy(alignment.mask_reason[alignment.student_chunk].astype(np.int64))
             )
-            fields["xtok_teacher_lp"].append(torch.from_numpy(on_last).float())
+            fields["xtok_teacher_lp"].append(torch.from_numpy(on_last - shift_on_last).float())
+            fields["xtok_shift"].append(torch.from_numpy(shift_on_last).float())
             fields["xtok_teacher_n"].append(torch.from_numpy(teacher_n))
             fields["xtok_noncanonical"].append(torch.from_numpy(flag.astype(np.int64)))
         result = TensorDict({name: _jagged(rows) for name, rows in fields.items()}, batch_size=[len(alignments)])

@@ -24,13 +24,21 @@ import verl.utils.tensordict_utils as tu
 from tensordict import TensorDict
 from verl.single_controller.base.decorator import Dispatch, register
 from verl.workers.config import FSDPOptimizerConfig, HFModelConfig, MtpConfig
-from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorkerConfig
+from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker, TrainingWorkerConfig
 
-from verl_opd.config.opd_config import CHAT_TEMPLATE_KWARGS_KEY, PRECISION_NAMES, OPDConfig
+from verl_opd.config.opd_config import (
+    CHAT_TEMPLATE_KWARGS_KEY,
+    PRECISION_NAMES,
+    SHAPING_BOTH,
+    SHAPING_NONE,
+    VIEW_OWN,
+    OPDConfig,
+)
 from verl_opd.core.routing import dotted_field
 from verl_opd.glue import policy_loss
 from verl_opd.glue.own_view import OwnViewScorer
 from verl_opd.glue.precision import FP32HeadWorker
+from verl_opd.glue.shaping import extension_pass
 
 logger = logging.getLogger(__name__)
 
@@ -109,24 +117,49 @@ class TeacherWorker(FP32HeadWorker):
             offload,
         )
         self._own_view = None
+        self._student: TrainingWorker | None = None
         if own_view is not None:
             self._own_view = _own_view_scorer(student_model, self.model_config, own_view)
+
+    def attach_student(self, student: TrainingWorker) -> None:
+        """The actor whose forward gives the student's potentials (``opd.teacher.shaping=both``).
+
+        Both engines live in this process (verl builds the actor and the ref side by side,
+        verl/workers/engine_workers.py:587, :644), so the student's forward is a local call that every rank
+        makes with its peers, as the teacher's is.
+        """
+        self._student = student
 
     def infer_batch(self, data: TensorDict) -> TensorDict | None:
         """verl's forward on the student's tokens, or, with ``opd.teacher.view=own``, on the teacher's own view.
 
         The own view re-renders each sample for the teacher, runs the same verl forward on that batch
         and maps the log-probs back onto the student's tokens by byte-aligned chunks
-        (:mod:`verl_opd.glue.own_view`). Ranks that hold no output (tensor/sequence parallel peers,
-        ``is_mp_src_rank_with_outputs``) return None, as verl's own method does.
+        (:mod:`verl_opd.glue.own_view`). With ``opd.teacher.shaping`` on, the teacher's forward also returns
+        each position's extension mass, and with ``both`` the student's actor runs one forward on ``data``
+        (:mod:`verl_opd.glue.shaping`); every rank runs both forwards before any returns. Ranks that hold no
+        output (tensor/sequence parallel peers, ``is_mp_src_rank_with_outputs``) return None, as verl's own
+        method does.
         """
-        if self._own_view is None:
+        scorer = self._own_view
+        if scorer is None:
             return super().infer_batch(data)
-        teacher_batch, alignments, flags = self._own_view.to_teacher(data)
-        output = super().infer_batch(teacher_batch)
+        teacher_batch, alignments, flags = scorer.to_teacher(data)
+        if scorer.shaping == SHAPING_NONE:
+            output = super().infer_batch(teacher_batch)
+        else:
+            with extension_pass(self, scorer.teacher_hook, teacher_batch):
+                output = super().infer_batch(teacher_batch)
+        student_output = None
+        if scorer.shaping == SHAPING_BOTH:
+            if self._student is None:
+                raise RuntimeError("verl-opd: opd.teacher.shaping=both needs the student: call attach_student first")
+            student_batch = data.copy()  # shallow: the flags below stay off the teacher's batch
+            with extension_pass(self._student, scorer.student_hook, student_batch):
+                student_output = self._student.infer_batch(student_batch)
         if output is None:
             return None
-        return self._own_view.to_student(output, teacher_batch, data, alignments, flags)
+        return scorer.to_student(output, teacher_batch, data, alignments, flags, student_output)
 
 
 def _own_view_scorer(
@@ -154,12 +187,15 @@ def _own_view_scorer(
     max_len = int(getattr(teacher_model.hf_config, "max_position_embeddings", 0) or 0) or 1 << 62
     logger.warning(
         "verl-opd: the teacher reads its own view (opd.teacher.view=own): its chat template, its tokenizer, "
-        "end of turn %s%s%s",
+        "end of turn %s, shaping %s%s%s",
         view.end_of_turn,
+        own_view.get("shaping") or SHAPING_NONE,
         ", a system prompt only it reads" if view.system_prompt else "",
         f", context from {view.context_key}" if view.context_key else "",
     )
-    return OwnViewScorer(student_tokenizer, student_view, view, eos_ids, max_len)
+    return OwnViewScorer(
+        student_tokenizer, student_view, view, eos_ids, max_len, shaping=own_view.get("shaping") or SHAPING_NONE
+    )
 
 
 # The per-row teacher index the reference worker writes back with the log-probs (several teachers only):
@@ -314,14 +350,17 @@ class OPDWorker(ActorRolloutRefWorker):
             super().init_model()
             return
         own_view = None
-        if opd.teacher.view == "own":
+        if opd.teacher.view == VIEW_OWN:
             own_view = {
                 "system_prompt": opd.teacher.system_prompt,
                 "context_key": opd.teacher.context_key,
                 # data.apply_chat_template_kwargs, copied here by the driver (workers get actor_rollout_ref only).
                 "chat_template_kwargs": self.config.get(CHAT_TEMPLATE_KWARGS_KEY),
+                "shaping": opd.teacher.shaping,  # resolved by the driver (opd_config.resolve_shaping)
             }
         self.ref_worker_cls = functools.partial(
             TeacherWorker, teacher_path=opd.teacher.model_path, offload=opd.teacher.offload, own_view=own_view
         )
         super().init_model()
+        if opd.teacher.view == VIEW_OWN and opd.teacher.shaping == SHAPING_BOTH:
+            self.ref.attach_student(self.actor)

@@ -53,7 +53,7 @@ from verl_opd.checks.checkpoint_identity import teacher_identity, write_teacher_
 from verl_opd.config.opd_config import TRAINER_MODE, OPDConfig
 from verl_opd.core.advantage import opd_token_rewards
 from verl_opd.core.metrics import eos_metrics, opd_metrics, per_teacher_metrics
-from verl_opd.core.xtok import KEPT, chunk_rewards, token_chunk_metrics
+from verl_opd.core.xtok import KEPT, chunk_rewards, shaping_metrics, token_chunk_metrics
 from verl_opd.glue.own_view import XTOK_FIELDS
 from verl_opd.glue.policy_loss import pop_gap_metric
 from verl_opd.glue.teacher_worker import TEACHER_INDEX_FIELD, OPDWorker
@@ -256,6 +256,7 @@ def opd_advantage_step(
                 sampled_mask,
             )
         )
+        metrics.update(shaping_metrics(tensors["xtok_shift"], tensors["xtok_teacher_n"], sampled_mask))
     elif TEACHER_INDEX_FIELD in tensors.keys():
         # Several teachers: each sequence's KL weighted by its own teacher's kl_coef.
         teacher_index = tensors[TEACHER_INDEX_FIELD].reshape(-1).long()
