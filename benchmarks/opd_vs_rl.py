@@ -15,6 +15,8 @@ tokens per step match up to the responses' actual lengths (logged per run as ``r
   the demo's ``other`` teacher (:mod:`verl_opd.tiny.demo_models`; other merges, Llama-3 digit groups, a
   Llama-3-like template with a default system prompt and ``<|eot_id|>``), SFT'd by the same recipe. Its
   target is 90% of *its* teacher's accuracy; it also reports the ``opd/xtok/*`` alignment rates per step.
+  It runs with the default ``opd.teacher.shaping=auto`` (both potentials, since the tokenisers differ).
+* ``opd_xtok_unshaped``: ``opd_xtok`` with ``+opd.teacher.shaping=none`` (the plain chunk estimator).
 * ``sft``: off-policy distillation, the student fine-tuned on the teacher's own samples (temperature 1):
   P teacher completions per step (``verl_opd.tiny.sft.sample_completions``), one AdamW step on them with
   verl_opd.tiny.sft's completion loss. Runs in plain torch, outside verl.
@@ -32,7 +34,7 @@ the added runs are listed).
 Not a test.
 
     python benchmarks/opd_vs_rl.py [--seeds 0 1 2] [--steps 30] [--methods opd grpo sft verl_distill opd_xtok]
-    python benchmarks/opd_vs_rl.py --methods opd_xtok --merge
+    python benchmarks/opd_vs_rl.py --methods opd_xtok opd_xtok_unshaped --merge
 """
 
 from __future__ import annotations
@@ -57,7 +59,9 @@ from verl_opd.tools.demo import STUDENT_STORY, cpu_run_args, opd_args, validatio
 from verl_runs import STAGES, run_measured
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ("opd", "grpo", "sft", "verl_distill", "opd_xtok")
+METHODS = ("opd", "grpo", "sft", "verl_distill", "opd_xtok", "opd_xtok_unshaped")
+# the own-view methods: opd_xtok with its default shaping (auto: both sides, the tokenisers differ), and without
+XTOK_METHODS = ("opd_xtok", "opd_xtok_unshaped")
 TARGET_FRACTION = 0.9
 GRPO_N = 4
 # opd_xtok's target (issue 12): median steps to 90% of its teacher's accuracy, and the non-canonical rate over
@@ -83,7 +87,7 @@ def method_steps(method: str, opts: argparse.Namespace) -> int:
 def teacher_role(method: str) -> str:
     """The demo model a method learns from: ``models[role]`` is its path, ``models[f"{role}_accuracy"]`` its greedy
     held-out accuracy (the method's target is 90% of it)."""
-    return "other_teacher" if method == "opd_xtok" else "teacher"
+    return "other_teacher" if method in XTOK_METHODS else "teacher"
 
 
 def verl_args(method: str, models: dict[str, Any], opts: argparse.Namespace, seed: int, out: Path) -> list[str]:
@@ -105,12 +109,14 @@ def verl_args(method: str, models: dict[str, Any], opts: argparse.Namespace, see
         project="verl-opd-bench",
         experiment=method,
     )
-    if method in ("opd", "opd_xtok"):
+    if method in ("opd", *XTOK_METHODS):
         args += opd_args(models[teacher_role(method)]) + [f"+opd.sampler_poll_s={opts.poll_s}"]
-        if method == "opd_xtok":
+        if method in XTOK_METHODS:
             # the teacher re-renders each sample in its own template and tokenizer; data.max_prompt_length keeps
             # the student's prompt whole (a cut one is masked: opd/xtok/masked_token_frac/prompt_cut)
             args.append("+opd.teacher.view=own")
+        if method == "opd_xtok_unshaped":
+            args.append("+opd.teacher.shaping=none")  # the plain chunk estimator, boundary lookahead left in
         return args
     # verl's own trainers: the same poll interval through verl's custom-sampler hook
     args += quick_poll_overrides(opts.poll_s)
@@ -155,11 +161,12 @@ def run_verl(
     }
     # each is the mean over response tokens of log p_student - log p_teacher at the sampled tokens (opd_xtok: the
     # teacher's log-prob of each aligned chunk spread over the chunk's student tokens)
-    kl_key = {"opd": "opd/reverse_kl", "opd_xtok": "opd/reverse_kl", "verl_distill": "actor/distillation/loss"}
+    kl_key = {"opd": "opd/reverse_kl", "verl_distill": "actor/distillation/loss"}
+    kl_key.update({name: "opd/reverse_kl" for name in XTOK_METHODS})
     extra: dict[str, Any] = {}
     if method in kl_key:
         extra["reverse_kl"] = {s: steps[s][kl_key[method]] for s in train_steps if kl_key[method] in steps[s]}
-    if method == "opd_xtok":
+    if method in XTOK_METHODS:
         extra["xtok"] = {
             name: {s: steps[s][key] for s in train_steps if key in steps[s]} for name, key in XTOK_CURVES.items()
         }
@@ -509,14 +516,15 @@ def targets(methods: dict[str, Any], grpo_run_steps: int) -> list[str]:
             )
         else:
             out.append(f"OPD step time <= {bound}x {other}'s: not measured ({other} has no result)")
-    if "opd_xtok" in methods:
-        out += xtok_targets(methods["opd_xtok"])
+    for name in XTOK_METHODS:
+        if name in methods:
+            out += xtok_targets(methods[name], name)
     return out
 
 
-def xtok_targets(method: dict[str, Any]) -> list[str]:
-    """Issue 12's learning verdicts for ``opd_xtok``: fast enough, and a non-canonical rate low and not rising."""
-    name = "OPD with a teacher of another tokenizer"
+def xtok_targets(method: dict[str, Any], key: str = "opd_xtok") -> list[str]:
+    """Issue 12's learning verdicts for an own-view method: fast enough, and a non-canonical rate low, not rising."""
+    name = f"OPD with a teacher of another tokenizer ({key})"
     if method.get("error"):
         return [f"{name}: not measured ({method['error']})"]
     steps = method["steps_to_90pct_teacher"]
@@ -630,10 +638,13 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     models_dir = Path(opts.models_dir).resolve() if opts.models_dir else work / "models"
     models = build_demo_models(
-        models_dir, seed=opts.models_seed, student=opts.student, other_teacher="opd_xtok" in opts.methods
+        models_dir,
+        seed=opts.models_seed,
+        student=opts.student,
+        other_teacher=any(name in opts.methods for name in XTOK_METHODS),
     )
     print(f"teacher accuracy {models['teacher_accuracy']:.3f}, student {models['student_accuracy']:.3f}", flush=True)
-    if "opd_xtok" in opts.methods:
+    if any(name in opts.methods for name in XTOK_METHODS):
         print(f"teacher of another family: accuracy {models['other_teacher_accuracy']:.3f}", flush=True)
     recorded_file = Path(opts.out) / "opd_vs_rl.json"
     if opts.merge and not recorded_file.exists():

@@ -22,7 +22,7 @@ import pytest
 from verl_opd.cpu.settings import CPU_ENV
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = {"opd", "grpo", "sft", "verl_distill", "opd_xtok"}  # the issues' required keys
+METHODS = {"opd", "grpo", "sft", "verl_distill", "opd_xtok", "opd_xtok_unshaped"}  # the issues' required keys
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # verl's optional engines
 
 
@@ -58,7 +58,7 @@ def _opts(**changes: object) -> argparse.Namespace:
     return argparse.Namespace(**{**base, "test_freq": 5, "poll_s": 0.3, **changes})
 
 
-@pytest.mark.parametrize("method", ["opd", "grpo", "verl_distill", "opd_xtok"])
+@pytest.mark.parametrize("method", ["opd", "grpo", "verl_distill", "opd_xtok", "opd_xtok_unshaped"])
 def test_verl_methods_are_valid_configs_with_equal_samples(
     bench, method, tiny, other_teacher, tmp_path, monkeypatch
 ) -> None:
@@ -85,12 +85,15 @@ def test_verl_methods_are_valid_configs_with_equal_samples(
     assert config.trainer.total_training_steps == (100 if method == "grpo" else 40)
     assert arr.model.path == str(tiny.student) and arr.actor.optim.lr == pytest.approx(3e-4)
     assert config.data.seed == 3 and arr.rollout.name == "hf"
-    if method in ("opd", "opd_xtok"):
+    if method in ("opd", "opd_xtok", "opd_xtok_unshaped"):
         assert config.algorithm.adv_estimator == "opd" and config.trainer.v1.trainer_mode == "opd"
         assert not config.distillation.enabled and config.opd.sampler_poll_s == 0.3
         # opd_xtok: the teacher of another family, read in its own view (the driver refuses it in the student's)
-        teacher, view = (other_teacher, "own") if method == "opd_xtok" else (tiny.teacher, None)  # None: default
+        teacher, view = (other_teacher, "own") if method != "opd" else (tiny.teacher, None)  # None: default
         assert config.opd.teacher.model_path == str(teacher) and config.opd.teacher.get("view") == view
+        # the workers' copy has the shaping resolved: auto is both for a teacher that tokenises differently
+        shaping = {"opd": "none", "opd_xtok": "both", "opd_xtok_unshaped": "none"}[method]
+        assert arr.opd.teacher.shaping == shaping
     else:  # verl's trainers get the same poll interval through verl's custom-sampler hook, as verl builds it
         sampler = config.trainer.v1.sampler
         buffer = load_extern_type(sampler.custom_sampler.path, sampler.custom_sampler.name)(

@@ -374,4 +374,6 @@ def test_teacher_of_another_family(tiny, other_teacher, capsys):
     assert "end of turn ['<|eot_id|>']" in out
     # both renderings of the probe conversation: the teacher's Llama-3-like header, the student's ChatML
     assert "<|start_header_id|>user<|end_header_id|>" in out and "<|im_start|>user" in out
+    assert _status(out, "tokenizers", "boundary-lookahead shaping") == "PASS"
+    assert "the tokenizers differ: opd.teacher.shaping=auto adds both models' potentials" in out
     assert _status(out, "config", "verl-opd settings") == "PASS"

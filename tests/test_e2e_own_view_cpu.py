@@ -115,19 +115,24 @@ def test_shaping_of_a_copy_cancels_in_verls_engine(tiny, trained_other, cpu_args
 
     The student writes in the other family's tokenizer, whose merged tokens (digit groups) carry lookahead, so
     each side's potential is non-zero (the next test shows the teacher's moving the scores).
+    ``rollout.top_k=8``: this small model samples a stray byte about once in a hundred responses; the teacher
+    reads such text as U+FFFD, which changes its context (a real difference, not the one checked here).
+    Truncating the sampling leaves the log-probs, and so the check, exact.
     """
     teacher = tmp_path / "teacher_copy"
     shutil.copytree(trained_other, teacher)
-    args = _args(tiny, cpu_args, trained_other, teacher, "own") + ["+opd.teacher.shaping=both"]
+    args = _args(tiny, cpu_args, trained_other, teacher, "own") + [
+        "+opd.teacher.shaping=both",
+        "actor_rollout_ref.rollout.top_k=8",
+    ]
     run = main_ppo(args, cwd=tmp_path)
     assert run.returncode == 0, run.tail()
     assert "boundary-lookahead shaping both: opd.teacher.shaping=both" in run.output
     m = run.steps[1]
-    print("MEASURED", m["critic/advantages/max"], m["critic/advantages/min"], m["opd/xtok/shaping_shift_abs_mean"])
     assert abs(m["critic/advantages/max"]) < 1e-4 and abs(m["critic/advantages/min"]) < 1e-4, m
     assert m["opd/xtok/shaping_shift_abs_mean"] < 1e-6, m
     assert m["opd/xtok/one_to_one_chunk_frac"] == 1.0, m
-    assert m["opd/xtok/masked_token_frac"] < 0.5, m  # most chunks scored: the zero is not from masking
+    assert m["opd/xtok/masked_token_frac"] == 0.0, m  # every chunk scored: the zero is not from masking
 
 
 def test_shaping_moves_another_familys_chunk_scores(tiny, trained_pair, other_teacher, cpu_args, main_ppo, tmp_path):
@@ -139,7 +144,6 @@ def test_shaping_moves_another_familys_chunk_scores(tiny, trained_pair, other_te
     assert "boundary-lookahead shaping both (auto): the teacher tokenises differently" in run.output
     assert sorted(run.steps) == [1, 2], run.tail()
     for step, m in run.steps.items():
-        print("MEASURED", step, m["opd/xtok/shaping_shift_abs_mean"], m["opd/reverse_kl"])
         assert m["opd/xtok/shaping_shift_abs_mean"] > 1e-3, (step, m)
         assert m["opd/xtok/one_to_one_chunk_frac"] < 1.0, (step, m)  # another tokenisation: multi-token chunks
         assert m["actor/grad_norm"] > 0, (step, m)

@@ -241,8 +241,9 @@ def other_view(tiny, other_teacher):
     return tokenizer, student_view, scorer, student, teacher, specials
 
 
-def _potentials(model, rows, table, special, chunk_of, n_chunks, response_len, ended) -> np.ndarray:
-    """Φ at each chunk's last response token, brute force (0 for an EOS chunk)."""
+def _potentials(model, rows, table, special, chunk_of, alignment, response_len, ended) -> np.ndarray:
+    """Φ at each chunk's last response token, brute force (0 for an EOS chunk and a masked one)."""
+    n_chunks = alignment.n_chunks
     phi = np.zeros(n_chunks)
     ids = rows
     prompt_len = len(ids) - response_len
@@ -256,6 +257,7 @@ def _potentials(model, rows, table, special, chunk_of, n_chunks, response_len, e
         phi[c] = mass - float(log_probs[p - 1, token])
     if ended:
         phi[-1] = 0.0
+    phi[alignment.mask_reason != KEPT] = 0.0
     return phi
 
 
@@ -283,7 +285,7 @@ def test_shaping_moves_each_chunk_by_both_potentials_and_keeps_the_sequence_sum(
             scorer.view.encoder.table,
             teacher_special,
             alignment.teacher_chunk,
-            alignment.n_chunks,
+            alignment,
             n_teacher,
             ended,
         )
@@ -293,7 +295,7 @@ def test_shaping_moves_each_chunk_by_both_potentials_and_keeps_the_sequence_sum(
             scorer.student_table,
             student_special,
             alignment.student_chunk,
-            alignment.n_chunks,
+            alignment,
             len(response),
             ended,
         )

@@ -110,6 +110,17 @@ def own_view_checks(student_path: str, teacher_path: str) -> list[TokenizerCheck
                 f"{teacher.decode(prompt)!r} for the teacher, {student.decode(student_prompt)!r} for the student",
             )
         )
+    same = same_tokenization(student_path, teacher_path)
+    checks.append(
+        TokenizerCheck(
+            "boundary-lookahead shaping",
+            True,
+            "the tokenizers are identical: opd.teacher.shaping=auto shapes nothing (every chunk is one token)"
+            if same
+            else "the tokenizers differ: opd.teacher.shaping=auto adds both models' potentials (one more student "
+            "forward per step)",
+        )
+    )
     return checks
 
 

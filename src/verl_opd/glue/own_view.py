@@ -43,6 +43,7 @@ from verl.workers.utils.padding import response_from_nested
 
 from verl_opd.config.opd_config import SHAPING_BOTH, SHAPING_NONE
 from verl_opd.core.xtok import (
+    KEPT,
     PROMPT_CUT,
     ChunkAlignment,
     align_chunks,
@@ -202,8 +203,10 @@ class OwnViewScorer:
     ) -> list[np.ndarray]:
         """Each sample's per-chunk potential shift ``ΔΦ_S - ΔΦ_T`` (zeros with ``shaping=none``).
 
-        Φ at a chunk's last token is its extension log-mass minus its log-prob, from the same forward; Φ is 0
-        after a response's EOS (the shaping then keeps the sequence's sum) and kept at a cut response's end.
+        Φ at a chunk's last token is its extension log-mass minus its log-prob, from the same forward. It is 0
+        after a response's EOS, and at the end of a masked chunk: the chunk's own score is dropped, and its
+        tokens (a stray byte the teacher reads as U+FFFD, a tag) give no lookahead worth moving onto the next
+        chunk. Any potential keeps the shaping's telescoping, so a finished response's sum is unchanged.
         """
         if self.shaping == SHAPING_NONE:
             return [np.zeros(a.n_chunks) for a in alignments]
@@ -212,12 +215,13 @@ class OwnViewScorer:
         def potentials(out: TensorDict, mask: torch.Tensor, side: str) -> list[torch.Tensor]:
             lps = _rows(response_from_nested(out["log_probs"], mask))
             masses = _rows(response_from_nested(out[EXTENSION_FIELD], mask))
-            return [
-                teacher_potential(
+            phis = []
+            for lp, mass, a, end in zip(lps, masses, alignments, ended, strict=True):
+                phi = teacher_potential(
                     lp.double(), mass.double(), getattr(a, f"{side}_chunk"), a.n_chunks, ends_with_eos=end
                 )
-                for lp, mass, a, end in zip(lps, masses, alignments, ended, strict=True)
-            ]
+                phis.append(phi.masked_fill(torch.from_numpy(a.mask_reason != KEPT), 0.0))
+            return phis
 
         phi_teacher = potentials(output, teacher_batch["response_mask"], "teacher")
         phi_student: list[torch.Tensor | None] = [None] * len(alignments)
