@@ -146,6 +146,24 @@ def test_sharded_state_and_resident_teacher():
     assert plan.max_gpu_memory_utilization == int(100 * ((10 - RESERVE_GIB) * GIB - kept) / (10 * GIB)) / 100
 
 
+def test_shaping_adds_its_buffers_and_the_students_potential_pass():
+    """opd.teacher.shaping: the extension-mass blocks next to the teacher's logits; ``both`` adds the student's
+    forward in the teacher's pass (on the teacher's token budget), a phase of its own."""
+    inputs = _inputs()
+    plain = plan_memory(inputs)
+    buffers = 256 * 1000 * 4 * 3  # positions per block x vocab x fp32 x temporaries
+    teacher_only = plan_memory(
+        dataclasses.replace(inputs, teachers=(dataclasses.replace(inputs.teachers[0], shaping="teacher"),))
+    )
+    assert teacher_only.phase(TEACHER_LOG_PROB).total == plain.phase(TEACHER_LOG_PROB).total + buffers
+    assert [p.name for p in teacher_only.phases] == [p.name for p in plain.phases]
+    both = plan_memory(dataclasses.replace(inputs, teachers=(dataclasses.replace(inputs.teachers[0], shaping="both"),)))
+    potentials = both.phase(f"{TEACHER_LOG_PROB} (student potentials)")
+    assert _bytes(both, potentials.name, "student logits (fp32)") == 1000 * 1000 * 4  # no entropy
+    assert _bytes(both, potentials.name, "student shaping buffers") == buffers
+    assert _bytes(both, potentials.name, "student params") == PARAMS * 4 / 8
+
+
 def test_teacher_offload_moves_it_to_host_memory():
     resident = plan_memory(_inputs())
     inputs = _inputs()

@@ -36,6 +36,9 @@ What verl 0.9.1 does, as modelled here (paths inside the ``verl`` package):
   weight when the body computes in bf16. The student's log-prob pass also computes the entropy
   (trainer/ppo/v1/trainer_base.py:1653), the teacher's does not (:1699); the update computes it
   when ``actor.entropy_coeff != 0`` or ``actor.calculate_entropy`` (:1831-1833).
+* **Shaping** (``opd.teacher.view=own`` with ``opd.teacher.shaping`` on): the extension-mass temporaries of
+  :mod:`verl_opd.glue.shaping` next to the teacher's logits, and with ``both`` one more phase, the student's
+  forward inside the teacher's pass on the teacher's token budget.
 
 Not modelled (``RESERVE_GIB`` covers them as a round allowance): CUDA contexts of the trainer
 and vLLM worker processes, NCCL buffers, vLLM's CUDA-graph pool (kept while it sleeps) and
@@ -49,6 +52,8 @@ import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from verl_opd.core.xtok_shaping import EXTENSION_BUFFERS, EXTENSION_ROWS_PER_BLOCK
 
 GIB = 1024**3
 # Per GPU, for what is not modelled (module docstring): a round allowance, not a measurement.
@@ -246,6 +251,7 @@ class TeacherRun:
     storage_bytes: int  # opd.teacher.dtype
     offload: bool
     log_prob_budget: TokenBudget
+    shaping: str = "none"  # opd.teacher.shaping, resolved (view=own): none | teacher | both
 
 
 @dataclass(frozen=True)
@@ -340,6 +346,16 @@ def _fp32_head(who: str, shape: ModelShape, compute_bytes: int, copies: int) -> 
         return []
     size = shape.vocab_size * shape.hidden_size * 4
     return [Component(f"{who} LM head in fp32", copies * size, f"vocab x hidden x 4 B x {copies} (opd.precision=bf16)")]
+
+
+def _shaping_buffers(who: str, vocab: int) -> Component:
+    """The extension-mass temporaries of ``opd.teacher.shaping`` (:mod:`verl_opd.glue.shaping`), next to the logits."""
+    size = EXTENSION_ROWS_PER_BLOCK * vocab * 4 * EXTENSION_BUFFERS
+    return Component(
+        f"{who} shaping buffers",
+        size,
+        f"{EXTENSION_ROWS_PER_BLOCK} positions x vocab {vocab} x 4 B x {EXTENSION_BUFFERS} (opd.teacher.shaping)",
+    )
 
 
 def _forward_activations(who: str, shape: ModelShape, tokens: TokenBudget, compute_bytes: int) -> Component:
@@ -462,9 +478,26 @@ def plan_memory(inputs: PlanInputs) -> MemoryPlan:
                     _forward_activations(who, shape, budget, c),
                     _logits(who, budget, shape.vocab_size, 1, "no entropy"),
                     *_fp32_head(who, shape, c, 1),
+                    *([_shaping_buffers(who, shape.vocab_size)] if t.shaping != "none" else []),
                 ),
             )
         )
+        if t.shaping == "both":
+            # the student's potentials: one more student forward in the teacher's pass, on the teacher's budget
+            teacher_passes.append(
+                Phase(
+                    f"{TEACHER_LOG_PROB} (student potentials)",
+                    (
+                        *training_resident,
+                        *adam_in_passes,
+                        _gathered(s, c, "student"),
+                        _forward_activations("student", s, budget, c),
+                        _logits("student", budget, s.vocab_size, 1, "no entropy"),
+                        *_fp32_head("student", s, c, 1),
+                        _shaping_buffers("student", s.vocab_size),
+                    ),
+                )
+            )
     tb = student.train_budget
     values = s.layer_activation_values()
     if student.gradient_checkpointing:
@@ -611,7 +644,7 @@ def inputs_from_config(config: Any, gpu_memory_gib: float) -> PlanInputs:
     """
     from omegaconf import OmegaConf
 
-    from verl_opd.config.opd_config import OPDConfig, resolve_precision
+    from verl_opd.config.opd_config import OPDConfig, resolve_precision, resolve_shaping
 
     arr = config.actor_rollout_ref
     opd = OPDConfig.from_config(config)
@@ -621,6 +654,7 @@ def inputs_from_config(config: Any, gpu_memory_gib: float) -> PlanInputs:
             "opd.teachers.<name>.model_path."
         )
     precision = resolve_precision(config, opd)
+    shaping, _ = resolve_shaping(config, opd)  # only a single teacher reads its own view
     seq_len = int(config.data.max_prompt_length) + int(config.data.max_response_length)
     sp = int(OmegaConf.select(arr, "actor.ulysses_sequence_parallel_size", default=1) or 1)
     lora = OmegaConf.select(arr, "model.lora_rank", default=0) or 0
@@ -671,6 +705,7 @@ def inputs_from_config(config: Any, gpu_memory_gib: float) -> PlanInputs:
             storage_bytes=dtype_bytes(teacher.dtype, f"{key}.dtype"),
             offload=teacher.offload,
             log_prob_budget=teacher_budget,
+            shaping=shaping,
         )
         for _, key, teacher in opd.teacher_list()
     )

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 
 __all__ = [
+    "EXTENSION_ROWS_PER_BLOCK",
+    "EXTENSION_BUFFERS",
     "ExtensionTable",
     "extension_table",
     "extension_log_mass",
@@ -45,6 +47,12 @@ __all__ = [
     "potential_shift",
     "shaped_chunk_log_ratio",
 ]
+
+
+# Positions whose extension mass is computed at once (:func:`extension_log_mass` on a block of logits): bounds
+# the temporaries to EXTENSION_BUFFERS (rows, V) fp32 tensors (log-softmax, its sorted gather, the masked copy).
+EXTENSION_ROWS_PER_BLOCK = 256
+EXTENSION_BUFFERS = 3
 
 
 @dataclass(frozen=True)

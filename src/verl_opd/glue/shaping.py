@@ -29,12 +29,15 @@ import torch
 import verl.utils.tensordict_utils as tu
 from tensordict import TensorDict
 
-from verl_opd.core.xtok_shaping import ExtensionTable, extension_log_mass, extension_table
+from verl_opd.core.xtok_shaping import (
+    EXTENSION_ROWS_PER_BLOCK,
+    ExtensionTable,
+    extension_log_mass,
+    extension_table,
+)
 
 # The jagged model output the hook adds (aligned like verl's ``log_probs``).
 EXTENSION_FIELD = "xtok_extension_log_mass"
-# Rows of logits processed at once: bounds the hook's temporaries to a few (rows, V) fp32 buffers.
-ROWS_PER_BLOCK = 256
 
 
 class ExtensionMassHook:
@@ -84,8 +87,8 @@ class ExtensionMassHook:
         table = self.extension_table(logits.shape[1])
         out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            for start in range(0, logits.shape[0], ROWS_PER_BLOCK):
-                block = slice(start, start + ROWS_PER_BLOCK)
+            for start in range(0, logits.shape[0], EXTENSION_ROWS_PER_BLOCK):
+                block = slice(start, start + EXTENSION_ROWS_PER_BLOCK)
                 log_probs = torch.log_softmax(logits[block].float(), dim=-1)
                 out[block] = extension_log_mass(log_probs, labels[block], table)
         return {EXTENSION_FIELD: out.unsqueeze(0)}
