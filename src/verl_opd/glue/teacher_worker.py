@@ -154,7 +154,7 @@ class TeacherWorker(FP32HeadWorker):
         if scorer.shaping == SHAPING_BOTH:
             if self._student is None:
                 raise RuntimeError("verl-opd: opd.teacher.shaping=both needs the student: call attach_student first")
-            student_batch = data.copy()  # shallow: the flags below stay off the teacher's batch
+            student_batch = data.copy()  # a shallow copy: the hook's flags stay off ``data``
             with extension_pass(self._student, scorer.student_hook, student_batch):
                 student_output = self._student.infer_batch(student_batch)
         if output is None:
