@@ -58,6 +58,8 @@ def test_each_sample_is_scored_by_its_own_teacher(tiny, trained_pair, cpu_args, 
     for step, m in run.steps.items():
         print(f"step {step}: " + ", ".join(f"{k}={v:.6g}" for k, v in sorted(m.items()) if k.startswith("opd/")))
         assert m["opd/copy/samples"] + m["opd/big/samples"] == 8, step
+        for name in ("copy", "big"):  # a teacher's forward time is logged when it scored samples, and > 0
+            assert (m.get(f"opd/{name}/forward_s", 0.0) > 0) == (m[f"opd/{name}/samples"] > 0), (step, name)
     first = run.steps[1]
     assert first["opd/copy/samples"] > 0 and first["opd/big/samples"] > 0
     assert abs(first["opd/copy/reverse_kl"]) < COPY_KL_ABS, first

@@ -30,7 +30,7 @@ from verl_opd.config.opd_config import (
 from verl_opd.core.advantage import opd_token_rewards
 from verl_opd.core.metrics import per_teacher_metrics
 from verl_opd.core.routing import TeacherRoutes, dotted_field
-from verl_opd.glue.teacher_worker import TEACHER_INDEX_FIELD, TeacherSet
+from verl_opd.glue.teacher_worker import TEACHER_FORWARD_S_FIELD, TEACHER_INDEX_FIELD, TeacherSet
 
 SECOND_SOURCE = "lighteval/MATH"
 
@@ -249,11 +249,15 @@ def test_per_teacher_kl_coef_and_metrics():
     index = torch.tensor([0, 1, 1])
     rewards = opd_token_rewards(student, teacher, mask, torch.tensor([1.0, 2.0, 2.0])[index])
     assert rewards.tolist() == [[0.0, 0.0], [-2.0, 0.0], [4.0, 0.0]]
-    metrics = per_teacher_metrics(student, teacher, mask, rewards, index, ["copy", "big", "idle"])
+    forward_s = torch.tensor([0.5, 0.25, 0.75])  # per row: its teacher's forward on the rank that scored it
+    metrics = per_teacher_metrics(student, teacher, mask, rewards, index, ["copy", "big", "idle"], forward_s)
     assert metrics["opd/copy/reverse_kl"] == 0.0 and metrics["opd/copy/samples"] == 1.0
     assert metrics["opd/big/reverse_kl"] == pytest.approx((1.0 - 2.0 + 0.0) / 3)
     assert metrics["opd/big/response_tokens"] == 3.0 and metrics["opd/big/teacher_log_prob"] == pytest.approx(-4 / 3)
     assert metrics["opd/idle/samples"] == 0.0 and "opd/idle/reverse_kl" not in metrics
+    # the slowest rank's forward of each teacher; none for a teacher that ran none
+    assert metrics["opd/copy/forward_s"] == 0.5 and metrics["opd/big/forward_s"] == 0.75
+    assert "opd/idle/forward_s" not in metrics
     with pytest.raises(ValueError, match=r"kl_coef per sequence must have shape \(3,\)"):
         opd_token_rewards(student, teacher, mask, torch.ones(2))
 
@@ -291,6 +295,9 @@ def test_teacher_set_scores_each_row_with_its_own_teacher_and_keeps_the_order():
     expected = [rows[r].float() + 100 * (0 if s == "src/a" else 1) for r, s in enumerate(sources)]
     assert all(torch.equal(got, want) for got, want in zip(out["log_probs"].unbind(), expected, strict=True))
     assert [int(i) for i in out[TEACHER_INDEX_FIELD].unbind()] == [1, 0, 1, 1, 0]
+    # each row carries its teacher's forward time on this rank: one value per teacher, > 0
+    forward_s = [float(t) for t in out[TEACHER_FORWARD_S_FIELD].unbind()]
+    assert forward_s[1] == forward_s[4] > 0 and forward_s[0] == forward_s[2] == forward_s[3] > 0
     # a: its 2 rows in one micro-batch; b: 3 rows at micro 2 -> 2 even micro-batches of 2 (one padded row)
     a_calls, b_calls, idle_calls = (w.calls for w in teacher_set.workers)
     assert a_calls == [(2, 2, [2, 5])] and b_calls == [(4, 2, [1, 3, 4, 1])] and idle_calls == []
