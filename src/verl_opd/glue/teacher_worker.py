@@ -286,7 +286,10 @@ class TeacherSet:
             start = time.perf_counter()
             output = worker.infer_batch(sub)
             forward_s[k] = time.perf_counter() - start
-            outputs.append(None if output is None else tu.index_select_tensor_dict(output, list(range(len(own)))))
+            # A rank with no row of this teacher ran padding only, for its peers' collectives: nothing to keep
+            # (verl's index_select cannot select no row of a nested tensor).
+            kept = output is not None and bool(own)
+            outputs.append(tu.index_select_tensor_dict(output, list(range(len(own)))) if kept else None)
         produced = [(own, out) for own, out in zip(rows, outputs, strict=True) if own]
         if any(out is None for _, out in produced):
             return None
