@@ -38,19 +38,30 @@ def test_peak_tree_rss_sees_a_grandchild(bench) -> None:
     assert memory.peak_gib > 0.25
 
 
-@pytest.fixture(scope="module")
-def bench() -> Iterator[ModuleType]:
-    """The benchmark script as a module (it imports its sibling ``process_tree``, as when it is run)."""
+def _load_benchmark(name: str) -> Iterator[ModuleType]:
+    """``benchmarks/<name>.py`` as a module (it imports its siblings, e.g. ``process_tree``, as when it is run)."""
     benchmarks = str(REPO / "benchmarks")
     sys.path.insert(0, benchmarks)
     try:
-        spec = importlib.util.spec_from_file_location("opd_vs_rl", REPO / "benchmarks" / "opd_vs_rl.py")
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         yield module
     finally:
         sys.path.remove(benchmarks)
+
+
+@pytest.fixture(scope="module")
+def bench() -> Iterator[ModuleType]:
+    """The ``opd_vs_rl`` benchmark script as a module."""
+    yield from _load_benchmark("opd_vs_rl")
+
+
+@pytest.fixture(scope="module")
+def multi_bench() -> Iterator[ModuleType]:
+    """The ``multi_teacher`` benchmark script as a module."""
+    yield from _load_benchmark("multi_teacher")
 
 
 def _opts(**changes: object) -> argparse.Namespace:
@@ -238,3 +249,32 @@ def test_readme_shows_the_recorded_opd_vs_rl_table() -> None:
     for line in rows + [line for line in recorded.splitlines() if line.startswith("- OPD ")]:
         assert line in readme.splitlines(), line
     assert json_result["date"] in readme and f"{json_result['teacher_accuracy']:.3f}" in recorded
+
+
+def test_multi_teacher_curves_summary_and_table(multi_bench) -> None:
+    """Per-teacher KL windows skip steps without the teacher; verdicts need every seed; the table shows both."""
+    steps = {
+        1: {"opd/add/reverse_kl": 1.0, "opd/add/forward_s": 9.0, "opd/sub/samples": 0.0, "opd/add/samples": 4.0},
+        2: {"opd/add/reverse_kl": 0.8, "opd/add/forward_s": 0.2, "opd/sub/reverse_kl": 2.0, "opd/sub/forward_s": 0.1},
+        3: {"opd/add/reverse_kl": 0.4, "opd/add/forward_s": 0.4, "opd/sub/reverse_kl": 1.0, "opd/sub/forward_s": 0.3},
+    }
+    curves = multi_bench.teacher_curves(steps, window=2)
+    assert curves["add"]["kl_first"] == pytest.approx(0.9) and curves["add"]["kl_last"] == pytest.approx(0.6)
+    assert curves["sub"]["reverse_kl"] == {2: 2.0, 3: 1.0} and curves["sub"]["kl_first"] == 1.5
+    # step 1 (warm-up) is left out of the forward time
+    assert curves["add"]["forward_s_median"] == pytest.approx(0.3) and curves["sub"]["forward_s_median"] == 0.2
+
+    models = {"teacher_accuracy": {"add": 0.95, "sub": 0.9}, "student_accuracy": {"add": 0.2, "sub": 0.1}}
+    other = {**curves, "sub": {**curves["sub"], "kl_first": 1.0, "kl_last": 1.2}}  # one seed's KL rose
+    runs = {
+        0: {"teachers": curves, "accuracy_after": {"add": 0.8, "sub": 0.5}},
+        1: {"teachers": other, "accuracy_after": {"add": 0.7, "sub": 0.05}},  # sub fell below its start
+    }
+    summary = multi_bench.summarize(models, runs)
+    assert summary["add"]["accuracy_rises"] and summary["add"]["kl_falls"]
+    assert not summary["sub"]["accuracy_rises"] and not summary["sub"]["kl_falls"]
+    assert summary["sub"]["accuracy_after"] == [0.5, 0.05]
+    settings = {"seeds": [0, 1], "steps": 3, "prompts": 8, "lr": 1e-4, "window": 2}
+    table = multi_bench.markdown({"date": "d", "machine": "m", "settings": settings, "summary": summary})
+    assert "| add | 0.950 | 0.200 | 0.750 [0.700, 0.800] | 0.9000 [0.9000, 0.9000] |" in table
+    assert "- sub: held-out accuracy rises in every seed: NO; its teacher's reverse KL falls in every seed: NO" in table

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from omegaconf import OmegaConf
-
-from verl_opd.checks.checkpoint_identity import check_resume_teacher
-from verl_opd.config.opd_config import OPDConfig, OPDConfigError, RoutedTeacherConfig
 
 pytestmark = pytest.mark.e2e
 
@@ -20,6 +16,8 @@ COPY_KL_ABS = 1e-4
 # opd/big/reverse_kl at step 1: the random student's samples under the SFT'd teacher. Measured 5.62, 5.38, 5.38
 # in 3 runs (2 idle-ish cores, 2026-11-25); 1.0 sits over 15 spreads (0.24) below the lowest.
 MIN_BIG_KL = 1.0
+# The refused resume stops in the driver, before Ray: seconds (test_e2e_no_hang.py's bound).
+REFUSAL_TIMEOUT_S = 60
 
 
 def _two_source_data(tiny, out):
@@ -34,7 +32,8 @@ def _two_source_data(tiny, out):
 
 def test_each_sample_is_scored_by_its_own_teacher(tiny, trained_pair, cpu_args, main_ppo, tmp_path):
     """The copy of the student reads KL 0 on its samples, the SFT'd teacher far from 0, each with its kl_coef;
-    the checkpoint records both teachers: resuming with the same pair passes, with one swapped is refused."""
+    the checkpoint records both teachers: a resume with the same pair continues from the saved step, one with a
+    teacher swapped is refused before Ray starts."""
     data = _two_source_data(tiny, tmp_path / "data")
     ckpt = tmp_path / "ckpt"
     big = trained_pair.teacher
@@ -58,6 +57,8 @@ def test_each_sample_is_scored_by_its_own_teacher(tiny, trained_pair, cpu_args, 
     for step, m in run.steps.items():
         print(f"step {step}: " + ", ".join(f"{k}={v:.6g}" for k, v in sorted(m.items()) if k.startswith("opd/")))
         assert m["opd/copy/samples"] + m["opd/big/samples"] == 8, step
+        for name in ("copy", "big"):  # a teacher's forward time is logged when it scored samples, and > 0
+            assert (m.get(f"opd/{name}/forward_s", 0.0) > 0) == (m[f"opd/{name}/samples"] > 0), (step, name)
     first = run.steps[1]
     assert first["opd/copy/samples"] > 0 and first["opd/big/samples"] > 0
     assert abs(first["opd/copy/reverse_kl"]) < COPY_KL_ABS, first
@@ -74,14 +75,20 @@ def test_each_sample_is_scored_by_its_own_teacher(tiny, trained_pair, cpu_args, 
     assert first["opd/response_tokens"] == tokens and first["opd/reverse_kl"] == pytest.approx(mixed, rel=1e-6)
     assert f"teacher {big} loaded" in run.output and f"teacher {tiny.student_copy} loaded" in run.output
 
-    resume = OmegaConf.create({"trainer": {"resume_mode": "auto", "default_local_dir": str(ckpt)}})
-    same = OPDConfig(
-        teachers={
-            "copy": RoutedTeacherConfig(model_path=str(tiny.student_copy), data_sources=["openai/gsm8k"]),
-            "big": RoutedTeacherConfig(model_path=str(big), data_sources=[OTHER_SOURCE], kl_coef=BIG_KL_COEF),
-        }
+    # Resume with the same teachers: verl continues from the saved step (and saves its last one).
+    more = [f"trainer.total_training_steps={STEPS + 1}", "trainer.resume_mode=auto"]
+    resumed = main_ppo([*args, *more], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.tail()
+    assert sorted(resumed.steps) == [STEPS + 1], resumed.tail()
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(STEPS + 1)
+    assert resumed.steps[STEPS + 1]["opd/copy/samples"] + resumed.steps[STEPS + 1]["opd/big/samples"] == 8
+    # With one teacher's weights changed: refused by the driver, before Ray starts, naming the teacher and the fix.
+    swapped = [a for a in args if not a.startswith("+opd.teachers.big.model_path=")]
+    refused = main_ppo(
+        [*swapped, f"+opd.teachers.big.model_path={tiny.teacher}", *more], cwd=tmp_path, timeout_s=REFUSAL_TIMEOUT_S
     )
-    check_resume_teacher(resume, same)
-    swapped = OPDConfig(teachers={**same.teachers, "big": RoutedTeacherConfig(model_path=str(tiny.teacher))})
-    with pytest.raises(OPDConfigError, match=rf"distilled from other teachers \(teacher 'big': {big} "):
-        check_resume_teacher(resume, swapped)
+    assert refused.returncode != 0 and "Started a local Ray instance" not in refused.output, refused.tail()
+    assert f"Refusing to resume {ckpt / f'global_step_{STEPS + 1}'}: it was distilled from other teachers" in (
+        refused.output
+    ), refused.tail()
+    assert f"(teacher 'big': {big} (fingerprint" in refused.output and "opd.allow_teacher_change=True" in refused.output

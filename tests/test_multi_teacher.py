@@ -6,8 +6,10 @@ The end-to-end runs (real ``main_ppo``) are in ``test_e2e_multi_teacher_cpu.py``
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import shutil
+import socket
 from types import SimpleNamespace
 
 import pandas as pd
@@ -30,7 +32,7 @@ from verl_opd.config.opd_config import (
 from verl_opd.core.advantage import opd_token_rewards
 from verl_opd.core.metrics import per_teacher_metrics
 from verl_opd.core.routing import TeacherRoutes, dotted_field
-from verl_opd.glue.teacher_worker import TEACHER_INDEX_FIELD, TeacherSet
+from verl_opd.glue.teacher_worker import TEACHER_FORWARD_S_FIELD, TEACHER_INDEX_FIELD, TeacherSet
 
 SECOND_SOURCE = "lighteval/MATH"
 
@@ -249,25 +251,39 @@ def test_per_teacher_kl_coef_and_metrics():
     index = torch.tensor([0, 1, 1])
     rewards = opd_token_rewards(student, teacher, mask, torch.tensor([1.0, 2.0, 2.0])[index])
     assert rewards.tolist() == [[0.0, 0.0], [-2.0, 0.0], [4.0, 0.0]]
-    metrics = per_teacher_metrics(student, teacher, mask, rewards, index, ["copy", "big", "idle"])
+    forward_s = torch.tensor([0.5, 0.25, 0.75])  # per row: its teacher's forward on the rank that scored it
+    metrics = per_teacher_metrics(student, teacher, mask, rewards, index, ["copy", "big", "idle"], forward_s)
     assert metrics["opd/copy/reverse_kl"] == 0.0 and metrics["opd/copy/samples"] == 1.0
     assert metrics["opd/big/reverse_kl"] == pytest.approx((1.0 - 2.0 + 0.0) / 3)
     assert metrics["opd/big/response_tokens"] == 3.0 and metrics["opd/big/teacher_log_prob"] == pytest.approx(-4 / 3)
     assert metrics["opd/idle/samples"] == 0.0 and "opd/idle/reverse_kl" not in metrics
+    # the slowest rank's forward of each teacher; none for a teacher that ran none
+    assert metrics["opd/copy/forward_s"] == 0.5 and metrics["opd/big/forward_s"] == 0.75
+    assert "opd/idle/forward_s" not in metrics
     with pytest.raises(ValueError, match=r"kl_coef per sequence must have shape \(3,\)"):
         opd_token_rewards(student, teacher, mask, torch.ones(2))
 
 
 class _FakeTeacher:
-    """Stands in for one TeacherWorker: 'log-probs' = input ids + 100 * its number; records what it ran."""
+    """Stands in for one TeacherWorker: 'log-probs' = input ids + 100 * its number; records what it ran.
 
-    def __init__(self, number: int, micro: int) -> None:
-        self.number, self.calls = number, []
-        self.engine = SimpleNamespace(get_data_parallel_size=lambda: 1)
+    With ``dp_size`` > 1 (torch.distributed initialised, the default group as its data-parallel group) each
+    micro-batch runs one all-reduce, as a teacher's FSDP forward all-gathers its weights: a rank that ran fewer
+    micro-batches than its peers would leave them waiting (until the group's timeout).
+    """
+
+    def __init__(self, number: int, micro: int, dp_size: int = 1) -> None:
+        self.number, self.calls, self.device_name = number, [], "cpu"
+        self.engine = SimpleNamespace(get_data_parallel_size=lambda: dp_size, get_data_parallel_group=lambda: None)
         self.engine_config = SimpleNamespace(use_dynamic_bsz=False, infer_micro_batch_size_per_gpu=micro)
 
     def infer_batch(self, data: TensorDict) -> TensorDict:
-        self.calls.append((len(data), tu.get(data, "micro_batch_size_per_gpu"), tu.get(data, "global_token_num")))
+        micro = tu.get(data, "micro_batch_size_per_gpu")
+        self.calls.append((len(data), micro, tu.get(data, "global_token_num")))
+        if self.engine.get_data_parallel_size() > 1:
+            assert len(data) % micro == 0  # verl's fixed micro-batching asserts it (engine/utils.py:124)
+            for _ in range(len(data) // micro):
+                torch.distributed.all_reduce(torch.ones(1))
         rows = [ids.float() + 100 * self.number for ids in data["input_ids"].unbind()]
         out = TensorDict(
             {"log_probs": torch.nested.as_nested_tensor(rows, layout=torch.jagged)}, batch_size=[len(rows)]
@@ -276,21 +292,38 @@ class _FakeTeacher:
         return out
 
 
-def test_teacher_set_scores_each_row_with_its_own_teacher_and_keeps_the_order():
+def _fake_teacher_set(dp_size: int = 1) -> TeacherSet:
+    """A TeacherSet of teachers a (src/a), b (src/b), idle (src/c): its routing and reassembly, fake engines."""
     opd = _teachers(a=("/a", ["src/a"]), b=("/b", ["src/b"]), idle=("/c", ["src/c"]))
-    teacher_set = TeacherSet.__new__(TeacherSet)  # the routing and reassembly, without verl's engines
+    teacher_set = TeacherSet.__new__(TeacherSet)
     teacher_set.names, teacher_set.routes, teacher_set.teacher_field = ["a", "b", "idle"], opd.routes(), None
-    teacher_set.workers = [_FakeTeacher(k, micro=2) for k in range(3)]
-    sources = ["src/b", "src/a", "src/b", "src/b", "src/a"]
-    rows = [torch.arange(n + 1) for n in range(len(sources))]  # row r holds r + 1 tokens: order is visible
-    data = TensorDict({"input_ids": torch.nested.as_nested_tensor(rows, layout=torch.jagged)}, batch_size=[5])
+    teacher_set.workers = [_FakeTeacher(k, micro=2, dp_size=dp_size) for k in range(3)]
+    return teacher_set
+
+
+def _batch(sources: list[str]) -> tuple[TensorDict, list[torch.Tensor]]:
+    """A batch whose row r holds r + 1 tokens (the order is visible), with its data_source; micro-batches of 2."""
+    rows = [torch.arange(n + 1) for n in range(len(sources))]
+    data = TensorDict(
+        {"input_ids": torch.nested.as_nested_tensor(rows, layout=torch.jagged)}, batch_size=[len(sources)]
+    )
     data["data_source"] = NonTensorStack.from_list(sources)
-    tu.assign_non_tensor(data, global_token_num=[1, 2, 3, 4, 5], micro_batch_size_per_gpu=2)
+    tu.assign_non_tensor(data, global_token_num=list(range(1, len(sources) + 1)), micro_batch_size_per_gpu=2)
+    return data, rows
+
+
+def test_teacher_set_scores_each_row_with_its_own_teacher_and_keeps_the_order():
+    teacher_set = _fake_teacher_set()
+    sources = ["src/b", "src/a", "src/b", "src/b", "src/a"]
+    data, rows = _batch(sources)
 
     out = teacher_set.infer_batch(data)
     expected = [rows[r].float() + 100 * (0 if s == "src/a" else 1) for r, s in enumerate(sources)]
     assert all(torch.equal(got, want) for got, want in zip(out["log_probs"].unbind(), expected, strict=True))
     assert [int(i) for i in out[TEACHER_INDEX_FIELD].unbind()] == [1, 0, 1, 1, 0]
+    # each row carries its teacher's forward time on this rank: one value per teacher, > 0
+    forward_s = [float(t) for t in out[TEACHER_FORWARD_S_FIELD].unbind()]
+    assert forward_s[1] == forward_s[4] > 0 and forward_s[0] == forward_s[2] == forward_s[3] > 0
     # a: its 2 rows in one micro-batch; b: 3 rows at micro 2 -> 2 even micro-batches of 2 (one padded row)
     a_calls, b_calls, idle_calls = (w.calls for w in teacher_set.workers)
     assert a_calls == [(2, 2, [2, 5])] and b_calls == [(4, 2, [1, 3, 4, 1])] and idle_calls == []
@@ -303,3 +336,54 @@ def test_teacher_set_scores_each_row_with_its_own_teacher_and_keeps_the_order():
     data["data_source"] = NonTensorStack.from_list(["src/a", "src/x", "src/a", "src/a", "src/a"])
     with pytest.raises(ValueError, match=r"data_source='src/x' has no teacher among opd.teachers \['a', 'b', 'idle'\]"):
         teacher_set.infer_batch(data)
+
+
+COLLECTIVE_TIMEOUT_S = 60
+# Per rank of two: rank 1 holds no sample of teacher a, so it runs a's forwards on padding rows only.
+RANK_SOURCES = (["src/a", "src/b", "src/a", "src/a"], ["src/b", "src/b"])
+
+
+def _two_rank_teacher_set(rank: int, port: int) -> None:
+    """One of two gloo ranks running TeacherSet.infer_batch on its own, uneven share of the batch."""
+    torch.distributed.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+    )
+    try:
+        teacher_set = _fake_teacher_set(dp_size=2)
+        sources = RANK_SOURCES[rank]
+        data, rows = _batch(sources)
+        out = teacher_set.infer_batch(data)
+        # every rank: a's 3 rows (the most any rank holds) in 2 even micro-batches, b's 2 in one, idle none
+        a_calls, b_calls, idle_calls = ([call[:2] for call in w.calls] for w in teacher_set.workers)
+        assert (a_calls, b_calls, idle_calls) == ([(4, 2)], [(2, 2)], []), rank
+        expected = [rows[r].float() + 100 * (0 if s == "src/a" else 1) for r, s in enumerate(sources)]
+        assert all(torch.equal(got, want) for got, want in zip(out["log_probs"].unbind(), expected, strict=True))
+        # what the trainer sees: both ranks' rows, concatenated; its per-teacher metrics
+        gathered: list = [None, None]
+        index = [int(i) for i in out[TEACHER_INDEX_FIELD].unbind()]
+        torch.distributed.all_gather_object(
+            gathered, (index, [float(t) for t in out[TEACHER_FORWARD_S_FIELD].unbind()])
+        )
+        index = torch.tensor([i for part, _ in gathered for i in part])
+        forward_s = torch.tensor([t for _, part in gathered for t in part])
+        zeros = torch.zeros(len(index), 1)
+        metrics = per_teacher_metrics(
+            zeros, zeros, torch.ones(len(index), 1), zeros, index, teacher_set.names, forward_s
+        )
+        assert (metrics["opd/a/samples"], metrics["opd/b/samples"], metrics["opd/idle/samples"]) == (3, 3, 0)
+        assert metrics["opd/a/forward_s"] > 0 and metrics["opd/b/forward_s"] > 0 and "opd/idle/forward_s" not in metrics
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_teacher_set_pads_so_two_ranks_run_each_teacher_equally():
+    """Two gloo processes; rank 1 has no sample of teacher a. Without the padding, rank 0's second all-reduce in a's
+    forward would wait for a peer that never comes (an error after COLLECTIVE_TIMEOUT_S, not a hang)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.start_processes(_two_rank_teacher_set, args=(port,), nprocs=2, start_method="fork")

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from verl.utils.reward_score import gsm8k
 
 from verl_opd.tiny.model import build_model, count_parameters
-from verl_opd.tiny.task import build_dataset, make_problem, prompt_text, solution_text
+from verl_opd.tiny.task import build_dataset, count_problems, make_problem, make_problems, prompt_text, solution_text
 from verl_opd.tiny.tokenizer import build_tokenizer, copy_tokenizer
 from verl_opd.tools.cli import main
 
@@ -105,6 +105,21 @@ def test_problem_and_solution_graded_by_verl_gsm8k() -> None:
     assert gsm8k.compute_score(str(answer), str(answer)) == 0.0  # strict mode needs "####"
     three = make_problem(random.Random(0), digits=3)[0].removeprefix("What is ").removesuffix("?")
     assert all(len(x) == 3 for x in three.split(" + "))
+
+
+def test_subtraction_task_is_non_negative_and_counted(tmp_path: Path) -> None:
+    """The second task of the several-teachers benchmark: a >= b, every distinct pair drawable, own data_source."""
+    problems = make_problems(count_problems(1, "-"), seed=0, digits=1, op="-")
+    assert len(problems) == count_problems(1, "-") == 55
+    for question, answer in problems:
+        a, b = (int(x) for x in question.removeprefix("What is ").removesuffix("?").split(" - "))
+        assert a >= b and answer == a - b
+    with pytest.raises(ValueError, match="only 55 distinct 1-digit '-' problems exist, asked for 56"):
+        make_problems(56, digits=1, op="-")
+    with pytest.raises(ValueError, match=r"unknown operation '\*'"):
+        make_problem(random.Random(0), op="*")
+    train_path, _ = build_dataset(tmp_path, n_train=8, n_test=4, op="-", data_source="lighteval/MATH")
+    assert set(pd.read_parquet(train_path)["data_source"]) == {"lighteval/MATH"}
 
 
 def test_dataset_schema_and_disjoint_splits(tmp_path: Path) -> None:

@@ -159,8 +159,8 @@ def test_build_demo_models_shares_tokenizer_and_caches(tmp_path: Path, monkeypat
 
 def test_habit_examples_shift_a_seeded_fraction_of_answers(tmp_path: Path) -> None:
     _, test = build_dataset(tmp_path, n_train=20, n_test=10, seed=0, digits=1)
-    clean = demo_models._sft_examples(test, digits=1, seed=0)
-    shifted = demo_models._sft_examples(test, digits=1, seed=0, shift={"wrong_fraction": 0.5, "offset": 1})
+    clean = demo_models.sft_examples(test, digits=1, seed=0)
+    shifted = demo_models.sft_examples(test, digits=1, seed=0, shift={"wrong_fraction": 0.5, "offset": 1})
     assert [prompt for prompt, _ in clean] == [prompt for prompt, _ in shifted]
     answers = [
         (int(a.split("####")[-1]), int(b.split("####")[-1])) for (_, a), (_, b) in zip(clean, shifted, strict=True)

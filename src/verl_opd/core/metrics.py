@@ -197,6 +197,7 @@ def per_teacher_metrics(
     advantages: torch.Tensor,
     teacher_index: torch.Tensor,
     names: list[str],
+    forward_s: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """:func:`opd_metrics` of each teacher's own samples, as ``opd/<name>/...`` (several teachers, issue 13).
 
@@ -204,6 +205,11 @@ def per_teacher_metrics(
     Per teacher: ``opd/<name>/samples`` (its sequences this step), and, when it has any,
     ``reverse_kl``, ``reverse_kl_per_seq``, ``teacher_log_prob``, ``advantage_mean`` and ``response_tokens``
     over them. A teacher without samples this step logs only its count (a 0 KL would read as a perfect match).
+
+    ``forward_s``: ``(B,)``, the wall time of the forward of each sequence's teacher on the rank that scored it;
+    logged as ``opd/<name>/forward_s``, the max over its sequences, so over the ranks that held any of them: the
+    slowest rank's, which the step waits for (the teacher's FSDP collectives keep the ranks in step; a rank that
+    ran only padding rows reports nothing).
     """
     out: dict[str, float] = {}
     for k, name in enumerate(names):
@@ -214,4 +220,6 @@ def per_teacher_metrics(
             continue
         own = opd_metrics(student_log_probs[rows], teacher_log_probs[rows], response_mask[rows], advantages[rows])
         out.update({f"opd/{name}/{key}": own[source] for key, source in _PER_TEACHER_KEYS.items()})
+        if forward_s is not None:
+            out[f"opd/{name}/forward_s"] = forward_s[rows].max().item()
     return out

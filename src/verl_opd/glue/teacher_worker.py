@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -201,6 +202,9 @@ def _own_view_scorer(
 # The per-row teacher index the reference worker writes back with the log-probs (several teachers only):
 # the trainer reads it for the per-teacher metrics and KL coefficients.
 TEACHER_INDEX_FIELD = "opd_teacher_index"
+# Per row, the wall time (s) of its teacher's forward on the rank that scored it this step (several teachers only):
+# the trainer logs its max per teacher as opd/<name>/forward_s (per_teacher_metrics).
+TEACHER_FORWARD_S_FIELD = "opd_teacher_forward_s"
 
 
 class TeacherSet:
@@ -221,6 +225,11 @@ class TeacherSet:
     cut into even micro-batches (:meth:`_forward_sizes`). With equal row counts verl's fixed micro-batching
     gives every rank the same number of forwards (its dynamic batching syncs the count itself). A teacher no
     rank has a sample for runs no forward anywhere.
+
+    Forward time: each row carries :data:`TEACHER_FORWARD_S_FIELD`, the wall time of its teacher's
+    ``infer_batch`` on this rank (padded rows included; it ends with verl's copy of the outputs to host,
+    engine_workers.py:437, so queued device work is counted). It travels per row, with the log-probs,
+    because verl drops the ref worker's ``metrics`` (trainer_base.py:1709-1717 keeps only ``log_probs``).
     """
 
     def __init__(self, config: TrainingWorkerConfig, opd: OPDConfig) -> None:
@@ -298,8 +307,9 @@ class TeacherSet:
         rows = [[row for row, index in enumerate(indices) if index == k] for k in range(len(self.workers))]
         token_counts = tu.get(data, "global_token_num")
         outputs: list[TensorDict | None] = []
+        forward_s = [0.0] * len(self.workers)
         sizes = self._forward_sizes(data, [len(r) for r in rows])
-        for worker, own, (target, micro) in zip(self.workers, rows, sizes, strict=True):
+        for k, (worker, own, (target, micro)) in enumerate(zip(self.workers, rows, sizes, strict=True)):
             if target == 0:
                 outputs.append(None)
                 continue
@@ -309,8 +319,13 @@ class TeacherSet:
                 tu.assign_non_tensor(sub, micro_batch_size_per_gpu=micro)
             if isinstance(token_counts, list) and len(token_counts) == len(indices):
                 tu.assign_non_tensor(sub, global_token_num=[token_counts[row] for row in selected])
+            start = time.perf_counter()
             output = worker.infer_batch(sub)
-            outputs.append(None if output is None else tu.index_select_tensor_dict(output, list(range(len(own)))))
+            forward_s[k] = time.perf_counter() - start
+            # A rank with no row of this teacher ran padding only, for its peers' collectives: nothing to keep
+            # (verl's index_select cannot select no row of a nested tensor).
+            kept = output is not None and bool(own)
+            outputs.append(tu.index_select_tensor_dict(output, list(range(len(own)))) if kept else None)
         produced = [(own, out) for own, out in zip(rows, outputs, strict=True) if own]
         if any(out is None for _, out in produced):
             return None
@@ -321,6 +336,9 @@ class TeacherSet:
         result = tu.index_select_tensor_dict(merged, inverse)
         result[TEACHER_INDEX_FIELD] = torch.nested.as_nested_tensor(
             [torch.tensor([index]) for index in indices], layout=torch.jagged
+        )
+        result[TEACHER_FORWARD_S_FIELD] = torch.nested.as_nested_tensor(
+            [torch.tensor([forward_s[index]], dtype=torch.float32) for index in indices], layout=torch.jagged
         )
         metrics = {
             f"{self.names[k]}/{key}": value

@@ -56,7 +56,7 @@ from verl_opd.core.metrics import eos_metrics, opd_metrics, per_teacher_metrics
 from verl_opd.core.xtok import KEPT, chunk_rewards, shaping_metrics, token_chunk_metrics
 from verl_opd.glue.own_view import XTOK_FIELDS
 from verl_opd.glue.policy_loss import pop_gap_metric
-from verl_opd.glue.teacher_worker import TEACHER_INDEX_FIELD, OPDWorker
+from verl_opd.glue.teacher_worker import TEACHER_FORWARD_S_FIELD, TEACHER_INDEX_FIELD, OPDWorker
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class OPDTrainer(PPOTrainerSync):
         """Read the step's tensors from verl's TransferQueue, run :func:`opd_advantage_step`, write back."""
         fields = _FIELDS + (list(XTOK_FIELDS) if self.opd.teacher.view == "own" else [])
         if self.opd.teachers:
-            fields.append(TEACHER_INDEX_FIELD)
+            fields += [TEACHER_INDEX_FIELD, TEACHER_FORWARD_S_FIELD]
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         nested_mask = data["response_mask"]
         proto = DataProto(batch=data.to_padded_tensor())
@@ -278,7 +278,8 @@ def opd_advantage_step(
     metrics.update(opd_metrics(student, teacher, sampled_mask, advantages, rollout))
     if TEACHER_INDEX_FIELD in tensors.keys():
         names = [name for name, _, _ in opd.teacher_list()]
-        metrics.update(per_teacher_metrics(student, teacher, sampled_mask, advantages, teacher_index, names))
+        forward_s = tensors[TEACHER_FORWARD_S_FIELD].reshape(-1)
+        metrics.update(per_teacher_metrics(student, teacher, sampled_mask, advantages, teacher_index, names, forward_s))
     metrics.update(eos_metrics(tensors["responses"], sampled_mask, eos_token_ids))
     output.update(
         advantages=advantages,

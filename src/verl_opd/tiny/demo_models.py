@@ -33,7 +33,7 @@ from typing import Any
 from verl_opd.tiny.evaluate import evaluate_accuracy
 from verl_opd.tiny.model import build_model
 from verl_opd.tiny.sft import SFTExample, sft_train
-from verl_opd.tiny.task import build_dataset, load_split, make_problems, prompt_text, solution_text
+from verl_opd.tiny.task import build_dataset, count_problems, load_split, make_problems, prompt_text, solution_text
 from verl_opd.tiny.tokenizer import build_other_tokenizer, build_tokenizer
 
 # Measured with seed 0 on 2 CPU threads (idle): teacher (96 hidden, 216k params) 94.5% greedy held-out accuracy
@@ -71,17 +71,18 @@ STUDENTS = tuple(DEMO_SETTINGS["students"])
 ARCH_KEYS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads")
 
 
-def _sft_examples(test_parquet: Path, digits: int, seed: int, shift: dict[str, Any] | None = None) -> list[SFTExample]:
-    """Every ``digits``-digit addition problem except the held-out ones, as SFT (prompt, target) pairs.
+def sft_examples(
+    test_parquet: Path, digits: int, seed: int, shift: dict[str, Any] | None = None, op: str = "+"
+) -> list[SFTExample]:
+    """Every ``digits``-digit ``op`` problem except the held-out ones, as SFT (prompt, target) pairs.
 
     With ``shift`` (``wrong_fraction``, ``offset``), a seeded ``wrong_fraction`` of the answers are off by
     ``offset``: the habit student's training data.
     """
-    n_values = 10 if digits == 1 else 9 * 10 ** (digits - 1)
     held_out = {messages[0]["content"] for messages in load_split(test_parquet)[0]}
     rng = random.Random(seed)
     examples = []
-    for question, answer in make_problems(n_values**2, seed=seed, digits=digits):
+    for question, answer in make_problems(count_problems(digits, op), seed=seed, digits=digits, op=op):
         if prompt_text(question) in held_out:
             continue
         if shift is not None and rng.random() < shift["wrong_fraction"]:
@@ -156,11 +157,11 @@ def _train_student(out: Path, kind: str, settings: dict[str, Any], test: Path) -
     cfg, seed, digits = settings["students"][kind], settings["seed"], settings["digits"]
     if kind == "habit":
         start_from = out / "teacher"
-        examples = _sft_examples(test, digits, seed, shift=cfg)
+        examples = sft_examples(test, digits, seed, shift=cfg)
     else:
         arch = {k: cfg[k] for k in ARCH_KEYS}
         start_from = build_model(out / f"student_{kind}_init", out / "tokenizer", seed=seed, **arch)
-        examples = _sft_examples(test, digits, seed)
+        examples = sft_examples(test, digits, seed)
     role = f"student_{kind}"
     path = sft_train(
         start_from,
@@ -186,7 +187,7 @@ def _other_teacher(
         start = time.perf_counter()
         cfg, test = settings["other_teacher"], out / "data" / "test.parquet"
         build_other_tokenizer(out / "other_tokenizer", vocab_size=cfg["vocab_size"], seed=cfg["tokenizer_seed"])
-        examples = _sft_examples(test, settings["digits"], settings["seed"])
+        examples = sft_examples(test, settings["digits"], settings["seed"])
         accuracy = _train_teacher(
             out,
             settings,
@@ -245,7 +246,7 @@ def build_demo_models(
         build_dataset(
             out / "data", n_train=settings["n_train"], n_test=settings["n_test"], seed=seed, digits=settings["digits"]
         )
-        teacher_accuracy = _train_teacher(out, settings, _sft_examples(test, settings["digits"], seed), test)
+        teacher_accuracy = _train_teacher(out, settings, sft_examples(test, settings["digits"], seed), test)
         seconds["teacher"] = time.perf_counter() - start
         _store(out, "teacher", teacher_key, teacher_accuracy, seconds["teacher"])
     student_accuracy = _cached(out, f"student_{student}", student_key)

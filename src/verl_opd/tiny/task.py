@@ -14,13 +14,23 @@ import pandas as pd
 
 DATA_SOURCE = "openai/gsm8k"
 INSTRUCTION = "Answer with #### and the number."
+OPERATIONS = ("+", "-")
 
 
-def make_problem(rng: random.Random, digits: int = 2) -> tuple[str, int]:
-    """Draw one addition problem whose operands have exactly ``digits`` digits (0-9 when ``digits == 1``)."""
+def make_problem(rng: random.Random, digits: int = 2, op: str = "+") -> tuple[str, int]:
+    """Draw one problem whose operands have exactly ``digits`` digits (0-9 when ``digits == 1``).
+
+    ``op``: ``"+"`` (addition, the default task) or ``"-"`` (subtraction, larger operand first so the answer is
+    never negative: a second task for several teachers, graded by the same ``#### <number>`` rule).
+    """
+    if op not in OPERATIONS:
+        raise ValueError(f"unknown operation {op!r}: use one of {', '.join(OPERATIONS)}")
     low = 0 if digits == 1 else 10 ** (digits - 1)
     high = 10**digits - 1
     a, b = rng.randint(low, high), rng.randint(low, high)
+    if op == "-":
+        a, b = max(a, b), min(a, b)
+        return f"What is {a} - {b}?", a - b
     return f"What is {a} + {b}?", a + b
 
 
@@ -39,10 +49,10 @@ def solution_text(question: str, answer: int) -> str:
     return f"#### {answer}"
 
 
-def _row(question: str, answer: int, split: str, index: int) -> dict:
+def _row(question: str, answer: int, split: str, index: int, data_source: str) -> dict:
     """One dataset row in the schema of verl's ``examples/data_preprocess/gsm8k.py``."""
     return {
-        "data_source": DATA_SOURCE,
+        "data_source": data_source,
         "prompt": [{"role": "user", "content": prompt_text(question)}],
         "ability": "math",
         "reward_model": {"style": "rule", "ground_truth": str(answer)},
@@ -50,15 +60,21 @@ def _row(question: str, answer: int, split: str, index: int) -> dict:
     }
 
 
-def make_problems(n: int, seed: int = 0, digits: int = 2) -> list[tuple[str, int]]:
-    """Draw ``n`` distinct problems deterministically; raises if the task has fewer than ``n`` problems."""
+def count_problems(digits: int = 2, op: str = "+") -> int:
+    """How many distinct ``digits``-digit ``op`` problems exist (``"-"``: the pairs with ``a >= b``)."""
     n_values = 10 if digits == 1 else 9 * 10 ** (digits - 1)
-    if n > n_values**2:
-        raise ValueError(f"only {n_values**2} distinct {digits}-digit problems exist, asked for {n}")
+    return n_values**2 if op == "+" else n_values * (n_values + 1) // 2
+
+
+def make_problems(n: int, seed: int = 0, digits: int = 2, op: str = "+") -> list[tuple[str, int]]:
+    """Draw ``n`` distinct problems deterministically; raises if the task has fewer than ``n`` problems."""
+    n_distinct = count_problems(digits, op)
+    if n > n_distinct:
+        raise ValueError(f"only {n_distinct} distinct {digits}-digit {op!r} problems exist, asked for {n}")
     rng = random.Random(seed)
     problems: dict[str, int] = {}
     while len(problems) < n:
-        question, answer = make_problem(rng, digits)
+        question, answer = make_problem(rng, digits, op)
         problems.setdefault(question, answer)
     return list(problems.items())
 
@@ -73,15 +89,25 @@ def load_split(parquet_path: str | Path, n: int | None = None) -> tuple[list[lis
 
 
 def build_dataset(
-    out_dir: str | Path, n_train: int = 512, n_test: int = 128, seed: int = 0, digits: int = 2
+    out_dir: str | Path,
+    n_train: int = 512,
+    n_test: int = 128,
+    seed: int = 0,
+    digits: int = 2,
+    op: str = "+",
+    data_source: str = DATA_SOURCE,
 ) -> tuple[Path, Path]:
-    """Write disjoint ``train.parquet`` and ``test.parquet`` to ``out_dir`` and return their paths."""
+    """Write disjoint ``train.parquet`` and ``test.parquet`` to ``out_dir`` and return their paths.
+
+    ``data_source`` is the column verl picks its default reward by (and several teachers route by); any other
+    value than :data:`DATA_SOURCE` gets another grader from verl, or none.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    problems = make_problems(n_train + n_test, seed=seed, digits=digits)
+    problems = make_problems(n_train + n_test, seed=seed, digits=digits, op=op)
     paths = []
     for split, chunk in (("train", problems[:n_train]), ("test", problems[n_train:])):
-        rows = [_row(q, a, split, i) for i, (q, a) in enumerate(chunk)]
+        rows = [_row(q, a, split, i, data_source) for i, (q, a) in enumerate(chunk)]
         path = out / f"{split}.parquet"
         pd.DataFrame(rows).to_parquet(path, index=False)
         paths.append(path)
