@@ -13,19 +13,27 @@ BIG_KL_COEF = 2.0
 # |opd/copy/reverse_kl| at step 1 for the teacher that is a copy of the student: the same weights score the same
 # tokens in fp32. Measured 0.0 in 3 runs.
 COPY_KL_ABS = 1e-4
-# opd/big/reverse_kl at step 1: the random student's samples under the SFT'd teacher. Measured 5.62, 5.38, 5.38
-# in 3 runs (2 idle-ish cores, 2026-11-25); 1.0 sits over 15 spreads (0.24) below the lowest.
+# opd/big/reverse_kl at step 1: the random student's one sample of the step under the SFT'd teacher. Measured 5.03,
+# 5.42, 5.34 in 3 two-rank runs (4 samples on one rank: 5.62, 5.38, 5.38); 1.0 is far below any of them.
 MIN_BIG_KL = 1.0
 # The refused resume stops in the driver, before Ray: seconds (test_e2e_no_hang.py's bound).
 REFUSAL_TIMEOUT_S = 60
+# Two CPU ranks (trainer.n_gpus_per_node=2 gives two gloo FSDP workers), 8 prompts a step: 4 rows per rank.
+RANKS, BATCH = 2, 8
+PER_RANK = BATCH // RANKS
 
 
 def _two_source_data(tiny, out):
-    """The tiny data with data_source alternating between gsm8k and MATH (two teachers' shares)."""
+    """The tiny data with one MATH row in every ``BATCH`` rows, the others gsm8k (two teachers' shares).
+
+    Read in order (``data.shuffle=False``), each step's batch holds one sample of the ``big`` teacher, which only
+    one of the two ranks can hold: the other runs ``big`` on padding alone, whatever order the rollout returns
+    the samples in.
+    """
     out.mkdir()
     for split in ("train", "test"):
         frame = pd.read_parquet(tiny.data / f"{split}.parquet")
-        frame["data_source"] = ["openai/gsm8k" if i % 2 == 0 else OTHER_SOURCE for i in range(len(frame))]
+        frame["data_source"] = [OTHER_SOURCE if i % BATCH == BATCH - 1 else "openai/gsm8k" for i in range(len(frame))]
         frame.to_parquet(out / f"{split}.parquet", index=False)
     return out
 
@@ -33,11 +41,19 @@ def _two_source_data(tiny, out):
 def test_each_sample_is_scored_by_its_own_teacher(tiny, trained_pair, cpu_args, main_ppo, tmp_path):
     """The copy of the student reads KL 0 on its samples, the SFT'd teacher far from 0, each with its kl_coef;
     the checkpoint records both teachers: a resume with the same pair continues from the saved step, one with a
-    teacher swapped is refused before Ray starts."""
+    teacher swapped is refused before Ray starts.
+
+    On two ranks, one of which holds no sample of ``big``: it runs ``big`` on padded rows, as many forwards as
+    its peer (``TeacherSet``), so the FSDP collectives stay in step and nothing hangs.
+    """
     data = _two_source_data(tiny, tmp_path / "data")
     ckpt = tmp_path / "ckpt"
     big = trained_pair.teacher
-    args = cpu_args(tiny, steps=STEPS, batch=8) + [
+    args = cpu_args(tiny, steps=STEPS, batch=BATCH) + [
+        f"trainer.n_gpus_per_node={RANKS}",
+        "data.shuffle=False",
+        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={PER_RANK}",
+        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={PER_RANK}",
         f"data.train_files={data / 'train.parquet'}",
         f"data.val_files={data / 'test.parquet'}",
         "algorithm.adv_estimator=opd",
@@ -54,9 +70,12 @@ def test_each_sample_is_scored_by_its_own_teacher(tiny, trained_pair, cpu_args, 
     run = main_ppo(args, cwd=tmp_path)
     assert run.returncode == 0, run.tail()
     assert sorted(run.steps) == list(range(1, STEPS + 1)), run.tail()
+    padded = [line for line in run.output.splitlines() if "holds no sample of teacher" in line]
+    # logged once per worker, by a rank that had no sample of big (only big can be missing from a rank)
+    assert padded and all("teacher 'big'" in line for line in padded), padded
     for step, m in run.steps.items():
         print(f"step {step}: " + ", ".join(f"{k}={v:.6g}" for k, v in sorted(m.items()) if k.startswith("opd/")))
-        assert m["opd/copy/samples"] + m["opd/big/samples"] == 8, step
+        assert (m["opd/copy/samples"], m["opd/big/samples"]) == (BATCH - 1, 1), step
         for name in ("copy", "big"):  # a teacher's forward time is logged when it scored samples, and > 0
             assert (m.get(f"opd/{name}/forward_s", 0.0) > 0) == (m[f"opd/{name}/samples"] > 0), (step, name)
     first = run.steps[1]
@@ -81,7 +100,7 @@ def test_each_sample_is_scored_by_its_own_teacher(tiny, trained_pair, cpu_args, 
     assert resumed.returncode == 0, resumed.tail()
     assert sorted(resumed.steps) == [STEPS + 1], resumed.tail()
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(STEPS + 1)
-    assert resumed.steps[STEPS + 1]["opd/copy/samples"] + resumed.steps[STEPS + 1]["opd/big/samples"] == 8
+    assert resumed.steps[STEPS + 1]["opd/copy/samples"] + resumed.steps[STEPS + 1]["opd/big/samples"] == BATCH
     # With one teacher's weights changed: refused by the driver, before Ray starts, naming the teacher and the fix.
     swapped = [a for a in args if not a.startswith("+opd.teachers.big.model_path=")]
     refused = main_ppo(

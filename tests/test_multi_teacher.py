@@ -298,6 +298,7 @@ def _fake_teacher_set(dp_size: int = 1) -> TeacherSet:
     teacher_set = TeacherSet.__new__(TeacherSet)
     teacher_set.names, teacher_set.routes, teacher_set.teacher_field = ["a", "b", "idle"], opd.routes(), None
     teacher_set.workers = [_FakeTeacher(k, micro=2, dp_size=dp_size) for k in range(3)]
+    teacher_set._padding_only_shown = set()
     return teacher_set
 
 

@@ -236,6 +236,7 @@ class TeacherSet:
         self.names = [name for name, _, _ in opd.teacher_list()]
         self.routes = opd.routes()
         self.teacher_field = opd.teacher_field
+        self._padding_only_shown: set[int] = set()
         self.workers = [
             TeacherWorker(
                 dataclasses.replace(
@@ -314,6 +315,14 @@ class TeacherSet:
                 outputs.append(None)
                 continue
             selected = own + [own[0] if own else 0] * (target - len(own))
+            if not own and k not in self._padding_only_shown:
+                self._padding_only_shown.add(k)
+                logger.warning(
+                    "verl-opd: this rank holds no sample of teacher %r this step; it runs %d padded rows through it, "
+                    "as its data-parallel peers do, so FSDP's collectives stay in step (logged once per teacher)",
+                    self.names[k],
+                    target,
+                )
             sub = tu.index_select_tensor_dict(data, selected)
             if micro is not None:
                 tu.assign_non_tensor(sub, micro_batch_size_per_gpu=micro)
