@@ -41,7 +41,7 @@ def _two_source_data(tiny, out):
 def test_each_sample_is_scored_by_its_own_teacher(tiny, trained_pair, cpu_args, main_ppo, tmp_path):
     """The copy of the student reads KL 0 on its samples, the SFT'd teacher far from 0, each with its kl_coef;
     the checkpoint records both teachers: a resume with the same pair continues from the saved step, one with a
-    teacher swapped is refused before Ray starts.
+    teacher swapped is refused before Ray starts, and so is a data_source no teacher scores.
 
     On two ranks, one of which holds no sample of ``big``: it runs ``big`` on padded rows, as many forwards as
     its peer (``TeacherSet``), so the FSDP collectives stay in step and nothing hangs.
@@ -111,3 +111,9 @@ def test_each_sample_is_scored_by_its_own_teacher(tiny, trained_pair, cpu_args, 
         refused.output
     ), refused.tail()
     assert f"(teacher 'big': {big} (fingerprint" in refused.output and "opd.allow_teacher_change=True" in refused.output
+    # A data_source no teacher scores: refused by the driver's scan of the parquet files, before Ray, naming it.
+    uncovered = [a for a in args if not a.startswith("+opd.teachers.big.data_sources=")]
+    uncovered.append("+opd.teachers.big.data_sources=[code/apps]")
+    refused = main_ppo(uncovered, cwd=tmp_path, timeout_s=REFUSAL_TIMEOUT_S)
+    assert refused.returncode != 0 and "Started a local Ray instance" not in refused.output, refused.tail()
+    assert f"has data_source values ['{OTHER_SOURCE}'] that no teacher scores" in refused.output, refused.tail()
