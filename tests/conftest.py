@@ -195,6 +195,32 @@ def trained_other(tiny: TinyAssets, other_teacher: Path) -> Path:
     return Path(trained.path)
 
 
+# The tiny prompts render to 68 tokens: 128 leaves them whole for the teacher's own view (a prompt the rollout
+# cut is masked there).
+OWN_VIEW_PROMPT_LENGTH = 128
+
+
+def tiny_view_args(
+    tiny: TinyAssets, student: Path, teacher: Path, view: str, steps: int = 1, batch: int = 8
+) -> list[str]:
+    """:func:`tiny_cpu_args` for an OPD run whose teacher reads ``view`` (``student`` or ``own``), one sample per
+    prompt, no checkpoints."""
+    return tiny_cpu_args(tiny, steps=steps, batch=batch, student=student) + [
+        "algorithm.adv_estimator=opd",
+        f"+opd.teacher.model_path={teacher}",
+        f"+opd.teacher.view={view}",
+        f"data.max_prompt_length={OWN_VIEW_PROMPT_LENGTH}",
+        "actor_rollout_ref.rollout.n=1",
+        "trainer.save_freq=-1",
+    ]
+
+
+@pytest.fixture(scope="session")
+def view_args():
+    """``tiny_view_args`` as a fixture."""
+    return tiny_view_args
+
+
 @pytest.fixture(scope="session")
 def cpu_args():
     """``tiny_cpu_args`` as a fixture (test modules cannot import conftest in importlib mode)."""

@@ -17,8 +17,6 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-# The tiny prompts render to 68 tokens: 128 leaves them whole (a prompt the rollout cut is masked).
-PROMPT_LENGTH = 128
 KEYS = (
     "critic/advantages/max",
     "critic/advantages/min",
@@ -30,34 +28,7 @@ KEYS = (
 STEPS = 3
 
 
-def _args(tiny, cpu_args, student, teacher, view: str, steps: int = 1, batch: int = 8) -> list[str]:
-    return cpu_args(tiny, steps=steps, batch=batch, student=student) + [
-        "algorithm.adv_estimator=opd",
-        f"+opd.teacher.model_path={teacher}",
-        f"+opd.teacher.view={view}",
-        f"data.max_prompt_length={PROMPT_LENGTH}",
-        "actor_rollout_ref.rollout.n=1",
-        "trainer.save_freq=-1",
-    ]
-
-
-def test_own_view_with_a_copy_of_the_student_gives_zero_advantage(tiny, trained_pair, cpu_args, main_ppo, tmp_path):
-    """A byte-identical copy of the student as teacher, read in its own view: A = 0, every chunk one token."""
-    student = trained_pair.teacher  # an SFT'd model: valid text, canonical tokens
-    teacher = tmp_path / "teacher_copy"
-    shutil.copytree(student, teacher)
-    run = main_ppo(_args(tiny, cpu_args, student, teacher, "own"), cwd=tmp_path)
-    assert run.returncode == 0, run.tail()
-    assert "the teacher reads its own view" in run.output
-    m = run.steps[1]
-    assert abs(m["critic/advantages/max"]) < 1e-4 and abs(m["critic/advantages/min"]) < 1e-4, m
-    assert abs(m["opd/reverse_kl"]) < 1e-4, m
-    assert m["opd/xtok/one_to_one_chunk_frac"] == 1.0, m
-    assert m["opd/xtok/masked_token_frac/prompt_cut"] == 0.0, m
-    assert m["opd/xtok/teacher_student_length_ratio"] == 1.0, m
-
-
-def test_own_view_matches_student_view_for_a_same_tokenizer_teacher(tiny, trained_pair, cpu_args, main_ppo, tmp_path):
+def test_own_view_matches_student_view_for_a_same_tokenizer_teacher(tiny, trained_pair, view_args, main_ppo, tmp_path):
     """A distinct teacher with the student's tokenizer: ``view=own`` gives ``view=student``'s numbers (< 1e-5).
 
     One prompt per step, so the ``hf`` rollout server (seeded once, batching concurrent requests by
@@ -67,7 +38,7 @@ def test_own_view_matches_student_view_for_a_same_tokenizer_teacher(tiny, traine
     runs = {}
     # the well-trained model samples, the half-trained one teaches: the samples are valid, canonical text
     for view in ("student", "own"):
-        args = _args(tiny, cpu_args, trained_pair.teacher, trained_pair.student, view, steps=STEPS, batch=1)
+        args = view_args(tiny, trained_pair.teacher, trained_pair.student, view, steps=STEPS, batch=1)
         (tmp_path / view).mkdir()
         runs[view] = main_ppo(args, cwd=tmp_path / view)
         assert runs[view].returncode == 0, runs[view].tail()
@@ -82,7 +53,9 @@ def test_own_view_matches_student_view_for_a_same_tokenizer_teacher(tiny, traine
             assert abs(own_view[key] - student_view[key]) < 1e-5, (step, key, own_view[key], student_view[key])
 
 
-def test_teacher_only_context_trains_against_the_students_own_weights(tiny, trained_pair, cpu_args, main_ppo, tmp_path):
+def test_teacher_only_context_trains_against_the_students_own_weights(
+    tiny, trained_pair, view_args, main_ppo, tmp_path
+):
     """Privileged-context self-distillation: the teacher is the student's own weights plus a hint it alone reads.
 
     ``opd.teacher.system_prompt`` and ``opd.teacher.context_key=extra_info.answer`` (the tiny task's rows
@@ -92,7 +65,7 @@ def test_teacher_only_context_trains_against_the_students_own_weights(tiny, trai
     student = trained_pair.teacher  # valid, canonical text: every chunk one token
     teacher = tmp_path / "self_teacher"
     shutil.copytree(student, teacher)
-    args = _args(tiny, cpu_args, student, teacher, "own") + [
+    args = view_args(tiny, student, teacher, "own") + [
         "trainer.total_training_steps=2",
         "+opd.teacher.system_prompt=Check the reference answer.",
         "+opd.teacher.context_key=extra_info.answer",
@@ -106,47 +79,4 @@ def test_teacher_only_context_trains_against_the_students_own_weights(tiny, trai
     for step, m in run.steps.items():
         assert m["opd/reverse_kl"] > 1e-3, (step, m)  # same weights, different context: they disagree
         assert m["opd/xtok/one_to_one_chunk_frac"] == 1.0, (step, m)
-        assert m["actor/grad_norm"] > 0, (step, m)
-
-
-def test_shaping_of_a_copy_cancels_in_verls_engine(tiny, trained_other, cpu_args, main_ppo, tmp_path):
-    """``shaping=both`` through verl's engine: the teacher's potentials from its forward and the student's from
-    the actor's extra forward cancel for a byte-identical copy (|A| < 1e-4).
-
-    The student writes in the other family's tokenizer, whose merged tokens (digit groups) carry lookahead, so
-    each side's potential is non-zero (the next test shows the teacher's moving the scores).
-    ``rollout.top_k=1`` (greedy): at temperature 1 this small model writes, about once in a hundred responses,
-    a stray byte (the teacher reads U+FFFD) or a non-canonical split (`` `` + ``####`` where its tokenizer has
-    `` ####``); the guard masks that chunk, but the two models then condition the rest of the response on
-    different token sequences, a real difference and not the one checked here. Greedy responses are the
-    model's canonical answers, and truncating the sampling leaves the log-probs, and so the check, exact.
-    """
-    teacher = tmp_path / "teacher_copy"
-    shutil.copytree(trained_other, teacher)
-    args = _args(tiny, cpu_args, trained_other, teacher, "own") + [
-        "+opd.teacher.shaping=both",
-        "actor_rollout_ref.rollout.top_k=1",
-    ]
-    run = main_ppo(args, cwd=tmp_path)
-    assert run.returncode == 0, run.tail()
-    assert "boundary-lookahead shaping both: opd.teacher.shaping=both" in run.output
-    m = run.steps[1]
-    assert abs(m["critic/advantages/max"]) < 1e-4 and abs(m["critic/advantages/min"]) < 1e-4, m
-    assert m["opd/xtok/shaping_shift_abs_mean"] < 1e-6, m
-    assert m["opd/xtok/one_to_one_chunk_frac"] == 1.0, m
-    assert m["opd/xtok/masked_token_frac"] == 0.0, m  # every chunk scored: the zero is not from masking
-    assert m["opd/xtok/noncanonical_token_frac"] == 0.0, m
-
-
-def test_shaping_moves_another_familys_chunk_scores(tiny, trained_pair, other_teacher, cpu_args, main_ppo, tmp_path):
-    """A teacher of another tokenizer with the default ``shaping=auto``: resolved to ``both``, the potentials
-    from verl's logits hook move the chunk scores, and the run trains."""
-    args = _args(tiny, cpu_args, trained_pair.teacher, other_teacher, "own") + ["trainer.total_training_steps=2"]
-    run = main_ppo(args, cwd=tmp_path)
-    assert run.returncode == 0, run.tail()
-    assert "boundary-lookahead shaping both (auto): the teacher tokenises differently" in run.output
-    assert sorted(run.steps) == [1, 2], run.tail()
-    for step, m in run.steps.items():
-        assert m["opd/xtok/shaping_shift_abs_mean"] > 1e-3, (step, m)
-        assert m["opd/xtok/one_to_one_chunk_frac"] < 1.0, (step, m)  # another tokenisation: multi-token chunks
         assert m["actor/grad_norm"] > 0, (step, m)
