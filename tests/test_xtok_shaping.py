@@ -52,6 +52,9 @@ def test_extension_log_mass_is_the_logsumexp_over_extensions() -> None:
     expected = torch.stack([torch.logsumexp(log_probs[n, ext.extensions(int(i))], 0) for n, i in enumerate(last)])
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
     assert bool((got >= log_probs[torch.arange(50), last]).all())  # every id extends itself
+    on_device = ext.to("cpu")  # the tensor form the logits hook keeps on the accelerator
+    assert isinstance(on_device.order, torch.Tensor) and on_device.order.dtype == torch.long
+    assert torch.equal(extension_log_mass(log_probs, last, on_device), got)
 
 
 def test_extension_log_mass_keeps_a_tiny_mass_exact() -> None:

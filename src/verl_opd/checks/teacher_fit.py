@@ -16,14 +16,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from verl_opd.config.opd_config import OPDConfigError
+from verl_opd.config.opd_config import REF_SP_KEYS, OPDConfigError
 
 logger = logging.getLogger(__name__)
 
 PROMPT_KEY = "data.max_prompt_length"
 RESPONSE_KEY = "data.max_response_length"
-REF_SP_KEY = "actor_rollout_ref.ref.ulysses_sequence_parallel_size"
-REF_ENGINE_SP_KEY = "actor_rollout_ref.ref.fsdp_config.ulysses_sequence_parallel_size"
+REF_SP_KEY, REF_ENGINE_SP_KEY = REF_SP_KEYS
 
 
 def check_teacher_fits(config: DictConfig, teacher_path: str) -> None:

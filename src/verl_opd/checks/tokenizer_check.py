@@ -110,7 +110,7 @@ def own_view_checks(student_path: str, teacher_path: str) -> list[TokenizerCheck
                 f"{teacher.decode(prompt)!r} for the teacher, {student.decode(student_prompt)!r} for the student",
             )
         )
-    same = same_tokenization(student_path, teacher_path)
+    same = _same_pipeline(student, teacher)
     checks.append(
         TokenizerCheck(
             "boundary-lookahead shaping",
@@ -149,7 +149,11 @@ def same_tokenization(student_path: str, teacher_path: str) -> bool:
 
     Probe texts could agree where merges differ; the serialised pipeline cannot.
     """
-    student, teacher = _load(student_path), _load(teacher_path)
+    return _same_pipeline(_load(student_path), _load(teacher_path))
+
+
+def _same_pipeline(student: Any, teacher: Any) -> bool:  # noqa: ANN401 - Hugging Face fast tokenizers
+    """:func:`same_tokenization` of two loaded tokenizers."""
     parts = ("normalizer", "pre_tokenizer", "model", "added_tokens")
     specs = [json.loads(t.backend_tokenizer.to_str()) for t in (student, teacher)]
     return all(specs[0].get(part) == specs[1].get(part) for part in parts)

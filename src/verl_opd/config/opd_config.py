@@ -38,11 +38,15 @@ SHAPING_AUTO, SHAPING_NONE, SHAPING_TEACHER, SHAPING_BOTH = "auto", "none", "tea
 SHAPINGS = (SHAPING_AUTO, SHAPING_NONE, SHAPING_TEACHER, SHAPING_BOTH)
 # The sequence-parallel sizes the teacher's and the student's forwards run with: the shaping's logits hook sees one
 # shard of a sequence's logits under Ulysses and cannot label it (verl_opd.glue.shaping).
+# The reference slot's pair is also what checks.teacher_fit reads for the teacher's heads.
+REF_SP_KEYS = (
+    "actor_rollout_ref.ref.ulysses_sequence_parallel_size",
+    "actor_rollout_ref.ref.fsdp_config.ulysses_sequence_parallel_size",
+)
 SP_KEYS = (
     "actor_rollout_ref.actor.ulysses_sequence_parallel_size",
     "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size",
-    "actor_rollout_ref.ref.ulysses_sequence_parallel_size",
-    "actor_rollout_ref.ref.fsdp_config.ulysses_sequence_parallel_size",
+    *REF_SP_KEYS,
 )
 # Where the driver copies data.apply_chat_template_kwargs for the workers (they receive actor_rollout_ref
 # only): the teacher's own view renders its prompt with the same kwargs verl rendered the student's with.

@@ -212,21 +212,19 @@ class OwnViewScorer:
             return [np.zeros(a.n_chunks) for a in alignments]
         ended = [bool(len(r)) and int(r[-1]) in self.eos_ids for r in _rows(data["responses"])]
 
-        def potentials(out: TensorDict, mask: torch.Tensor, side: str) -> list[torch.Tensor]:
+        def potentials(out: TensorDict, mask: torch.Tensor, chunks: list[np.ndarray]) -> list[torch.Tensor]:
             lps = _rows(response_from_nested(out["log_probs"], mask))
             masses = _rows(response_from_nested(out[EXTENSION_FIELD], mask))
             phis = []
-            for lp, mass, a, end in zip(lps, masses, alignments, ended, strict=True):
-                phi = teacher_potential(
-                    lp.double(), mass.double(), getattr(a, f"{side}_chunk"), a.n_chunks, ends_with_eos=end
-                )
+            for lp, mass, chunk, a, end in zip(lps, masses, chunks, alignments, ended, strict=True):
+                phi = teacher_potential(lp.double(), mass.double(), chunk, a.n_chunks, ends_with_eos=end)
                 phis.append(phi.masked_fill(torch.from_numpy(a.mask_reason != KEPT), 0.0))
             return phis
 
-        phi_teacher = potentials(output, teacher_batch["response_mask"], "teacher")
+        phi_teacher = potentials(output, teacher_batch["response_mask"], [a.teacher_chunk for a in alignments])
         phi_student: list[torch.Tensor | None] = [None] * len(alignments)
         if self.shaping == SHAPING_BOTH:
-            phi_student = potentials(student_output, data["response_mask"], "student")
+            phi_student = potentials(student_output, data["response_mask"], [a.student_chunk for a in alignments])
         return [potential_shift(s, t).numpy() for s, t in zip(phi_student, phi_teacher, strict=True)]
 
     def to_student(

@@ -51,19 +51,21 @@ class ExtensionMassHook:
     def __init__(self, table: Sequence[bytes], special_ids: Collection[int]) -> None:
         self.table = list(table)
         self.special_ids = frozenset(int(i) for i in special_ids) | {i for i, b in enumerate(self.table) if not b}
-        self._tables: dict[int, ExtensionTable] = {}
+        self._tables: dict[tuple[int, torch.device], ExtensionTable] = {}
 
-    def extension_table(self, width: int) -> ExtensionTable:
-        """The extension table of a ``width``-entry vocabulary (the tokenizer's, padded with special ids)."""
+    def extension_table(self, width: int, device: torch.device) -> ExtensionTable:
+        """The extension table of a ``width``-entry vocabulary (the tokenizer's, padded with special ids), as
+        tensors on ``device``: built and moved once, not at every block of every forward."""
         if width < len(self.table):
             raise ValueError(
                 f"the model's logits have {width} entries but its tokenizer {len(self.table)} ids: the teacher "
                 "view's tokenizer is not this model's."
             )
-        if width not in self._tables:
+        if (width, device) not in self._tables:
             padded = self.table + [b""] * (width - len(self.table))
-            self._tables[width] = extension_table(padded, self.special_ids | set(range(len(self.table), width)))
-        return self._tables[width]
+            table = extension_table(padded, self.special_ids | set(range(len(self.table), width)))
+            self._tables[width, device] = table.to(device)
+        return self._tables[width, device]
 
     def __call__(
         self,
@@ -84,7 +86,7 @@ class ExtensionMassHook:
                 f"verl passed {logits.shape[0]} rows of logits for {labels.shape[0]} packed tokens: the shaping "
                 "hook needs every position's logits (no sequence parallelism, no padding to a fixed length)."
             )
-        table = self.extension_table(logits.shape[1])
+        table = self.extension_table(logits.shape[1], logits.device)
         out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             for start in range(0, logits.shape[0], EXTENSION_ROWS_PER_BLOCK):
